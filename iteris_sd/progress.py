@@ -1,0 +1,25 @@
+"""One progress/cancel callback for the whole core.
+
+The core calls ``progress(phase, done, total)`` inside every loop; the CLI maps it to tqdm
+bars and the ComfyUI nodes to ProgressBar plus the interrupt check. To cancel, the callback
+raises (any exception propagates; `MergeCancelled` is the conventional one).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+
+class MergeCancelled(Exception):
+    """Raised by a progress callback to stop a merge; nothing is written."""
+
+
+class Progress(Protocol):
+    def __call__(self, phase: str, done: int, total: int) -> None: ...
+
+
+def no_progress(phase: str, done: int, total: int) -> None:
+    """The default callback: reports nothing, never cancels."""
+
+
+ProgressFn = Callable[[str, int, int], None]
