@@ -1,0 +1,162 @@
+"""Solver algebra: the closed form, its exact low-rank factorisation, adaptive weights."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from iteris_sd.solve import (
+    IllConditionedWarning,
+    LayerProblem,
+    adaptive_weights,
+    concept_residuals,
+    solve_layer,
+)
+from iteris_sd.stats import ConceptStats
+
+torch.set_default_dtype(torch.float64)
+
+
+def stats_for(X, X_merged=None):
+    st = ConceptStats.zeros(X.shape[1], torch.float64)
+    st.add_reference(X)
+    if X_merged is not None:
+        st.add_pair(X, X_merged)
+    return st
+
+
+def lowrank(d_out, d_in, r, gen):
+    return torch.randn(d_out, r, generator=gen), torch.randn(r, d_in, generator=gen)
+
+
+def dense_closed_form(problem, weights, reg):
+    """W* written exactly as in the paper, with dense matrices."""
+    d_in = problem.base_weight.shape[1]
+    I = torch.eye(d_in)
+    num = torch.zeros_like(problem.base_weight)
+    den = torch.zeros(d_in, d_in)
+    for f, st, c in zip(problem.factors, problem.stats, weights):
+        _, C, H = st.solve_inputs()
+        den += c * (H + reg * torch.linalg.matrix_norm(H) * I)
+        if f is not None:
+            num += c * (f[0] @ f[1]) @ (C + reg * torch.linalg.matrix_norm(C) * I)
+    return num @ torch.linalg.inv(den)
+
+
+def test_one_lora_alone_returns_that_lora_for_any_ridge():
+    g = torch.Generator().manual_seed(0)
+    B, A = lowrank(6, 5, 2, g)
+    X = torch.randn(40, 5, generator=g)
+    p = LayerProblem("l", torch.randn(6, 5, generator=g), [(B, A)], [stats_for(X)])
+    for reg in (0.0, 1e-2, 1.0):
+        Z = solve_layer(p, adaptive_weights(p), reg).double()
+        torch.testing.assert_close(p.up @ Z, B @ A, rtol=1e-5, atol=1e-5)
+
+
+def test_recovers_known_weight_under_input_drift():
+    # The merged model sees X~ = X M; if LoRA's output X dW^T equals X~ W^T, the solve
+    # with X~ must return W itself, not dW.
+    g = torch.Generator().manual_seed(1)
+    B, A_true = lowrank(4, 6, 3, g)
+    M = torch.eye(6) + 0.3 * torch.randn(6, 6, generator=g)
+    dW_A = A_true @ M.T  # dW = W M^T, still rank 3 with the same B
+    X = torch.randn(50, 6, generator=g)
+    p = LayerProblem("l", torch.zeros(4, 6), [(B, dW_A)], [stats_for(X, X @ M)])
+    Z = solve_layer(p, [1.0], 0.0).double()
+    torch.testing.assert_close(p.up @ Z, B @ A_true, rtol=1e-6, atol=1e-6)
+    res, ref = concept_residuals(p, p.up, Z)
+    assert res[0] < 1e-8 * ref[0]
+
+
+def test_two_loras_on_disjoint_input_subspaces_merge_exactly():
+    g = torch.Generator().manual_seed(2)
+    X1 = torch.zeros(30, 8)
+    X1[:, :4] = torch.randn(30, 4, generator=g)
+    X2 = torch.zeros(30, 8)
+    X2[:, 4:] = torch.randn(30, 4, generator=g)
+    B1, A1 = lowrank(5, 8, 2, g)
+    B2, A2 = lowrank(5, 8, 3, g)
+    A1[:, 4:] = 0  # LoRA 1 reads only its own subspace, LoRA 2 only the other
+    A2[:, :4] = 0
+    p = LayerProblem("l", torch.randn(5, 8, generator=g), [(B1, A1), (B2, A2)], [stats_for(X1), stats_for(X2)])
+    Z = solve_layer(p, adaptive_weights(p), 0.0).double()
+    torch.testing.assert_close(p.up @ Z, B1 @ A1 + B2 @ A2, rtol=1e-6, atol=1e-6)
+    res, _ = concept_residuals(p, p.up, Z)
+    assert max(res) < 1e-9
+
+
+@pytest.mark.parametrize("reg", [0.0, 1e-4, 1e-2])
+def test_rank_sum_factorisation_equals_dense_closed_form(reg):
+    g = torch.Generator().manual_seed(3)
+    d_out, d_in = 7, 9
+    factors = [lowrank(d_out, d_in, r, g) for r in (2, 3, 1)] + [None]  # a concept not touching it
+    stats = []
+    for _ in factors:
+        X = torch.randn(25, d_in, generator=g)
+        stats.append(stats_for(X, X + 0.2 * torch.randn(25, d_in, generator=g)))
+    p = LayerProblem("l", torch.randn(d_out, d_in, generator=g), factors, stats)
+    w = adaptive_weights(p)
+    Z = solve_layer(p, w, reg).double()
+    assert Z.shape == (6, d_in)  # rank 2 + 3 + 1
+    torch.testing.assert_close(p.up @ Z, dense_closed_form(p, w, reg), rtol=1e-5, atol=1e-5)
+
+
+def test_adaptive_weights_match_hand_computation():
+    # W0 = [[1, 0], [0, 2]], dW = [[0, 1], [0, 0]] -> M = [[1, 1], [0, 2]], ||M||^2 = 6.
+    # X = [[1, 0], [0, 1], [1, 1]]: X M^T = [[1, 0], [1, 2], [2, 2]], ||.||^2 = 1 + 1 + 4 + 4 + 4 = 14.
+    # Concept 2 does not touch the layer: M = W0, ||W0||^2 = 5, X W0^T = [[1, 0], [0, 2], [1, 2]]: 10.
+    W0 = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    B, A = torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0, 1.0]])
+    p = LayerProblem("l", W0, [(B, A), None], [stats_for(X), stats_for(X)])
+    c = adaptive_weights(p)
+    assert c == pytest.approx([6 / 14, 5 / 10])
+
+
+def test_concept_without_inputs_gets_weight_zero():
+    p = LayerProblem("l", torch.eye(2), [(torch.ones(2, 1), torch.ones(1, 2))], [ConceptStats.zeros(2, torch.float64)])
+    assert adaptive_weights(p) == [0.0]
+
+
+def test_singular_system_gives_finite_result_and_warning_naming_layer():
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(3, 6, generator=g)  # 3 rows in 6 dims: X^T X is singular
+    B, A = lowrank(4, 6, 2, g)
+    p = LayerProblem("unet.mid.to_k", torch.randn(4, 6, generator=g), [(B, A)], [stats_for(X)])
+    with pytest.warns(IllConditionedWarning, match="unet.mid.to_k"):
+        Z = solve_layer(p, [1.0], 0.0)
+    assert torch.isfinite(Z).all()
+    # The pseudo-inverse still reproduces the LoRA on the inputs it saw.
+    torch.testing.assert_close(X @ (p.up @ Z.double()).T, X @ (B @ A).T, rtol=1e-6, atol=1e-6)
+
+
+def test_all_zero_statistics_do_not_crash():
+    p = LayerProblem("l", torch.eye(3), [(torch.ones(3, 1), torch.ones(1, 3))], [ConceptStats.zeros(3, torch.float64)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        Z = solve_layer(p, [1.0], 1e-2)
+    assert torch.isfinite(Z).all()
+
+
+def test_nan_inputs_raise_naming_the_layer():
+    st = stats_for(torch.ones(4, 2))
+    st.gram[0, 0] = math.nan
+    p = LayerProblem("te.q_proj", torch.eye(2), [(torch.ones(2, 1), torch.ones(1, 2))], [st])
+    with pytest.raises(FloatingPointError, match="te.q_proj"):
+        solve_layer(p, [1.0], 1e-2)
+
+
+def test_residuals_match_direct_computation():
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(20, 5, generator=g)
+    Xm = X + 0.1 * torch.randn(20, 5, generator=g)
+    B, A = lowrank(3, 5, 2, g)
+    U, Z = lowrank(3, 5, 4, g)
+    p = LayerProblem("l", torch.zeros(3, 5), [(B, A), None], [stats_for(X, Xm), stats_for(X, Xm)])
+    res, ref = concept_residuals(p, U, Z)
+    W = U @ Z
+    assert res[0] == pytest.approx(float(((Xm @ W.T - X @ (B @ A).T) ** 2).sum()), rel=1e-9)
+    assert ref[0] == pytest.approx(float(((X @ (B @ A).T) ** 2).sum()), rel=1e-9)
+    assert res[1] == pytest.approx(float(((Xm @ W.T) ** 2).sum()), rel=1e-9)
+    assert ref[1] == 0.0
