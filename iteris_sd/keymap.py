@@ -1,0 +1,384 @@
+"""Which module of a diffusers Stable Diffusion model each LoRA layer name targets.
+
+Every reader yields kohya-style layer names (`lora.LoraLayer.name`). A `KeyMap`, built from
+the real modules of a loaded model, says which names it accepts for each `nn.Linear` /
+`nn.Conv2d` (module id ``"<component>.<named_modules path>"``), and which name to write
+back in a kohya file:
+
+- UNet: ``lora_unet_`` + the diffusers path or the original LDM/SGM path (dots to
+  underscores); kohya writes diffusers names for SD1.x/SD2.x and LDM names for SDXL.
+- Text encoders: ``lora_te_text_model_...`` (SD1.x/SD2.x), ``lora_te1_`` / ``lora_te2_``
+  (SDXL; ``lora_te_`` is accepted for the first, as diffusers-format SDXL files say
+  ``text_encoder.``). Both the ``text_model.``-nested and the flattened CLIPTextModel
+  layouts of transformers are handled.
+
+`KeyMap.match` pairs a `LoraFile`'s layers with modules and refuses, in one line, files
+whose names or shapes do not fit the model, saying what base model the file looks made for.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from math import prod
+from typing import Any
+
+from torch import nn
+
+from .lora import LoraFile, LoraLayer
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+
+# name prefixes per component: the first is written, all are accepted
+_PREFIXES = {
+    "sd1": {"unet": ("lora_unet_",), "text_encoder": ("lora_te_",)},
+    "sd2": {"unet": ("lora_unet_",), "text_encoder": ("lora_te_",)},
+    "sdxl": {
+        "unet": ("lora_unet_",),
+        "text_encoder": ("lora_te1_", "lora_te_"),
+        "text_encoder_2": ("lora_te2_",),
+    },
+}
+
+_UNET_TOP_LEVEL = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+_RESNET_PARTS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+
+_MID_BLOCK = {("resnets", 0): "middle_block.0", ("attentions", 0): "middle_block.1", ("resnets", 1): "middle_block.2"}
+
+
+class KeyMismatchError(ValueError):
+    """A LoRA file's layer names do not fit the model's modules."""
+
+
+class ShapeMismatchError(KeyMismatchError):
+    """A LoRA layer's name fits a module but its delta's shape does not."""
+
+
+# --- diffusers -> LDM UNet paths -------------------------------------------------------
+
+
+def diffusers_to_ldm_unet(
+    path: str, layers_per_block: int | list[int], up_block_has_attention: list[bool]
+) -> str | None:
+    """The LDM/SGM (``input_blocks``/``middle_block``/``output_blocks``) path of a
+    diffusers UNet2DConditionModel module or parameter path, or None if it has none.
+
+    ``layers_per_block`` counts resnets per down block; ``up_block_has_attention`` has one
+    entry per up block (and so gives the number of blocks).
+    """
+    n_blocks = len(up_block_has_attention)
+    down_layers = [layers_per_block] * n_blocks if isinstance(layers_per_block, int) else list(layers_per_block)
+    if len(down_layers) != n_blocks:
+        raise ValueError(
+            f"layers_per_block {layers_per_block} has {len(down_layers)} entries but "
+            f"up_block_has_attention has {n_blocks}; give one per block"
+        )
+    for diffusers, ldm in _UNET_TOP_LEVEL.items():
+        if path == diffusers or path.startswith(diffusers + "."):
+            return ldm + path[len(diffusers):]
+    parts = path.split(".")
+    if len(parts) < 2:
+        return None
+    if parts[0] == "mid_block":
+        return _mid_block_to_ldm(parts[1:])
+    if len(parts) < 4 or not (parts[1].isdigit() and parts[3].isdigit()):
+        return None
+    block, kind, layer, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+    if parts[0] == "down_blocks" and block < n_blocks:
+        return _down_block_to_ldm(block, kind, layer, rest, down_layers)
+    if parts[0] == "up_blocks" and block < n_blocks:
+        up_layers = [n + 1 for n in reversed(down_layers)]
+        return _up_block_to_ldm(block, kind, layer, rest, up_layers, up_block_has_attention[block])
+    return None
+
+
+def _join(head: str, rest: list[str]) -> str:
+    return ".".join([head, *rest])
+
+
+def _resnet_to_ldm(head: str, rest: list[str]) -> str | None:
+    """A resnet's sub-path under its LDM block ``head``; None for an unknown part."""
+    if not rest:
+        return head
+    part = _RESNET_PARTS.get(rest[0])
+    return None if part is None else _join(f"{head}.{part}", rest[1:])
+
+
+def _down_block_to_ldm(block: int, kind: str, layer: int, rest: list[str], down_layers: list[int]) -> str | None:
+    start = 1 + sum(n + 1 for n in down_layers[:block])
+    n_layers = down_layers[block]
+    if kind == "resnets" and layer < n_layers:
+        return _resnet_to_ldm(f"input_blocks.{start + layer}.0", rest)
+    if kind == "attentions" and layer < n_layers:
+        return _join(f"input_blocks.{start + layer}.1", rest)
+    if kind == "downsamplers" and layer == 0 and rest[:1] == ["conv"]:
+        return _join(f"input_blocks.{start + n_layers}.0.op", rest[1:])
+    return None
+
+
+def _up_block_to_ldm(
+    block: int, kind: str, layer: int, rest: list[str], up_layers: list[int], has_attention: bool
+) -> str | None:
+    start = sum(up_layers[:block])
+    n_layers = up_layers[block]
+    if kind == "resnets" and layer < n_layers:
+        return _resnet_to_ldm(f"output_blocks.{start + layer}.0", rest)
+    if kind == "attentions" and layer < n_layers:
+        return _join(f"output_blocks.{start + layer}.1", rest)
+    if kind == "upsamplers" and layer == 0 and rest[:1] == ["conv"]:
+        slot = 2 if has_attention else 1
+        return _join(f"output_blocks.{start + n_layers - 1}.{slot}.conv", rest[1:])
+    return None
+
+
+def _mid_block_to_ldm(parts: list[str]) -> str | None:
+    if len(parts) < 2 or not parts[1].isdigit():
+        return None
+    head = _MID_BLOCK.get((parts[0], int(parts[1])))
+    if head is None:
+        return None
+    rest = parts[2:]
+    return _resnet_to_ldm(head, rest) if parts[0] == "resnets" else _join(head, rest)
+
+
+def unet_layout(unet: nn.Module) -> tuple[list[int], list[bool]]:
+    """(resnets per down block, whether each up block has attentions) of a diffusers UNet."""
+    down_layers = [len(block.resnets) for block in unet.down_blocks]
+    up_has_attention = [len(getattr(block, "attentions", None) or ()) > 0 for block in unet.up_blocks]
+    expected = [n + 1 for n in reversed(down_layers)]
+    found = [len(block.resnets) for block in unet.up_blocks]
+    if found != expected:
+        raise ValueError(
+            f"unet: up blocks have {found} resnets but down blocks {down_layers} imply {expected}; "
+            "only Stable Diffusion UNet layouts can be mapped"
+        )
+    return down_layers, up_has_attention
+
+
+# --- the key map ---------------------------------------------------------------------
+
+
+def detect_family(unet_config: Any) -> str:
+    """"sdxl", "sd2" or "sd1" from a diffusers UNet config (dict or config object)."""
+    addition = _config_value(unet_config, "addition_embed_type")
+    if addition == "text_time":
+        return "sdxl"
+    cross = _config_value(unet_config, "cross_attention_dim")
+    if isinstance(cross, (list, tuple)):
+        cross = cross[0] if cross else None
+    return "sd2" if cross == 1024 else "sd1"
+
+
+def _config_value(config: Any, key: str) -> Any:
+    if isinstance(config, Mapping):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+@dataclass(frozen=True, eq=False)
+class KeyMap:
+    """Kohya-style LoRA layer names <-> targetable modules of one loaded model."""
+
+    family: str  # "sd1", "sd2" or "sdxl"
+    lookup: dict[str, str]  # every accepted layer name -> module id
+    output_name: dict[str, str]  # module id -> the name to write in a kohya file
+    modules: dict[str, nn.Module]  # module id -> nn.Linear / nn.Conv2d
+
+    def match(self, lora: LoraFile) -> dict[str, LoraLayer]:
+        """module id -> layer for every layer of ``lora``; raises KeyMismatchError if any
+        layer names no module (or two name the same one) and ShapeMismatchError if a
+        delta's shape does not fit its module's weight."""
+        matched: dict[str, LoraLayer] = {}
+        owner: dict[str, str] = {}
+        unmatched: list[str] = []
+        for name, layer in lora.layers.items():
+            module_id = self.lookup.get(name)
+            if module_id is None:
+                unmatched.append(name)
+            elif module_id in owner:
+                raise KeyMismatchError(
+                    f"{lora.path}: layers {owner[module_id]} and {name} both target {module_id}; "
+                    "keep only one of them in the file"
+                )
+            else:
+                owner[module_id] = name
+                matched[module_id] = layer
+        shapes = {name: delta_shape(layer) for name, layer in lora.layers.items()}
+        if unmatched:
+            raise KeyMismatchError(self._unmatched_message(lora, unmatched, shapes))
+        for module_id, layer in matched.items():
+            weight_shape = tuple(self.modules[module_id].weight.shape)
+            shape = shapes[owner[module_id]]
+            if not delta_fits(shape, weight_shape):
+                raise ShapeMismatchError(
+                    f"{lora.path}: layer {owner[module_id]} has a delta of shape {shape} but "
+                    f"{module_id} has a weight of shape {weight_shape}; the file looks made for "
+                    f"{guess_family(lora.layers, shapes)}, this model is {FAMILY_LABELS[self.family]}"
+                )
+        return matched
+
+    def _unmatched_message(self, lora: LoraFile, unmatched: list[str], shapes: dict) -> str:
+        total = len(lora.layers)
+        more = f" (and {len(unmatched) - 10} more)" if len(unmatched) > 10 else ""
+        return (
+            f"{lora.path}: {len(unmatched)} of {total} layers match no module of this "
+            f"{FAMILY_LABELS[self.family]} model ({total - len(unmatched)} matched); unmatched: "
+            f"{', '.join(unmatched[:10])}{more}; the file looks made for {guess_family(lora.layers, shapes)}"
+        )
+
+
+def build_keymap(components: Mapping[str, nn.Module], family: str) -> KeyMap:
+    """The KeyMap of a model given as {"unet": ..., "text_encoder": ...[, "text_encoder_2": ...]}."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; use one of {', '.join(FAMILIES)}")
+    prefixes = _PREFIXES[family]
+    lookup: dict[str, str] = {}
+    output_name: dict[str, str] = {}
+    modules: dict[str, nn.Module] = {}
+    for component, model in components.items():
+        if component not in prefixes:
+            raise ValueError(
+                f"unknown component {component!r} for a {FAMILY_LABELS[family]} model; "
+                f"use {', '.join(prefixes)}"
+            )
+        for path, names, module in _component_names(component, model, family):
+            module_id = f"{component}.{path}"
+            modules[module_id] = module
+            output_name[module_id] = names[0]
+            for name in names:
+                claimed = lookup.setdefault(name, module_id)
+                if claimed != module_id:
+                    raise ValueError(
+                        f"layer name {name} is claimed by both {claimed} and {module_id}; "
+                        "the model's module names are ambiguous for LoRA keys"
+                    )
+    return KeyMap(family=family, lookup=lookup, output_name=output_name, modules=modules)
+
+
+def targetable_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """(path, module) for every nn.Linear / nn.Conv2d (subclasses too) of ``model``."""
+    for path, module in model.named_modules():
+        if path and isinstance(module, (nn.Linear, nn.Conv2d)):
+            yield path, module
+
+
+def _component_names(component: str, model: nn.Module, family: str) -> Iterable[tuple[str, list[str], nn.Module]]:
+    """(path, accepted names with the output name first, module) per targetable module."""
+    prefixes = _PREFIXES[family][component]
+    if component == "unet":
+        down_layers, up_has_attention = unet_layout(model)
+        for path, module in targetable_modules(model):
+            diffusers_name = prefixes[0] + _underscored(path)
+            ldm = diffusers_to_ldm_unet(path, down_layers, up_has_attention)
+            names = [diffusers_name] if ldm is None else [diffusers_name, prefixes[0] + _underscored(ldm)]
+            if family == "sdxl":
+                names.reverse()
+            yield path, names, module
+        return
+    nested = any(name == "text_model" for name, _ in model.named_children())
+    for path, module in targetable_modules(model):
+        canonical = path if nested or path.startswith("text_projection") else f"text_model.{path}"
+        flattened = canonical.removeprefix("text_model.")
+        names = [p + _underscored(c) for p in prefixes for c in dict.fromkeys((canonical, flattened))]
+        yield path, names, module
+
+
+def _underscored(path: str) -> str:
+    return path.replace(".", "_")
+
+
+# --- shapes ----------------------------------------------------------------------------
+
+
+def delta_shape(layer: LoraLayer) -> tuple[int, ...]:
+    """The shape of ``layer.dense_delta()`` without building it."""
+    if layer.dense is not None:
+        return tuple(layer.dense.shape)
+    if layer.mid is not None:
+        return (layer.up.shape[0], layer.down.shape[1], *layer.mid.shape[2:])
+    return (layer.up.shape[0], *layer.down.shape[1:])
+
+
+def delta_fits(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:
+    """Whether a delta of shape ``delta`` can be added to a weight of shape ``weight``:
+    equal, or equal once flattened to (d_out, d_in) (a 1x1 conv vs a 2-D delta, either
+    way, and a conv delta stored flattened as (o, i*kh*kw), as LoHa does)."""
+    if tuple(delta) == tuple(weight):
+        return True
+    if len(delta) < 2 or len(weight) < 2 or 4 not in (len(delta), len(weight)):
+        return False
+    return (delta[0], prod(delta[1:])) == (weight[0], prod(weight[1:]))
+
+
+# --- what base model a file looks made for ---------------------------------------------
+
+_FLUX = re.compile(r"double_blocks|single_blocks|single_transformer_blocks")
+# SD3 / Flux transformer blocks sit at the top level; a UNet's follow "attentions_<j>_"
+_SD3 = re.compile(r"joint_blocks|(?<![0-9]_)transformer_blocks_\d+_")
+_SDXL = re.compile(
+    r"lora_te[12]_|text_encoder_2|add_embedding|label_emb|transformer_blocks_[1-9]"
+    r"|up_blocks_0_attentions|output_blocks_[0-2]_1_(?:transformer|proj|norm)"
+)
+_SD12_UNET = re.compile(
+    r"input_blocks_(?:[12]_1|1[01])_|output_blocks_(?:9|1[01])_|down_blocks_3_|up_blocks_3_"
+    r"|down_blocks_0_attentions"
+)
+_SD_UNET = re.compile(r"(?:down|up)_blocks_\d|mid_block_|(?:input|output)_blocks_\d|middle_block_")
+_TE_LAYER = re.compile(r"lora_te_text_model_encoder_layers_(\d+)_")
+_CROSS_ATTENTION_FAMILY = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+_TE_WIDTH_FAMILY = {768: "SD1.x", 1024: "SD2.x"}
+
+
+def guess_family(names: Iterable[str], shapes: Mapping[str, tuple[int, ...]] | None = None) -> str:
+    """The base model a LoRA's layer names (and, if given, delta shapes by name) look made
+    for: "SDXL", "SD1.x", "SD2.x", "SD1.x or SD2.x", "Flux", "SD3", or "unknown"."""
+    names = [name.lower() for name in names]
+    text = "\n".join(names)
+    for pattern, family in ((_FLUX, "Flux"), (_SD3, "SD3"), (_SDXL, "SDXL")):
+        if any(pattern.search(name) for name in names):
+            return family
+    by_shape = _family_from_shapes({k.lower(): v for k, v in (shapes or {}).items()})
+    if by_shape:
+        return by_shape
+    te_layers = [int(m.group(1)) for m in _TE_LAYER.finditer(text)]
+    if te_layers and max(te_layers) >= 12:
+        return "SD2.x"
+    if te_layers and max(te_layers) == 11:
+        return "SD1.x"
+    if _SD12_UNET.search(text):
+        return "SD1.x or SD2.x"
+    if _SD_UNET.search(text):
+        return "SD1.x, SD2.x or SDXL"
+    return "unknown"
+
+
+def _family_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """The family told by a cross-attention key/value input width (768, 1024, 2048) or an
+    SD1/SD2 text encoder width; None when no such layer is there."""
+    for name, shape in shapes.items():
+        if re.search(r"attn2_to_[kv]$", name) and len(shape) >= 2 and shape[1] in _CROSS_ATTENTION_FAMILY:
+            return _CROSS_ATTENTION_FAMILY[shape[1]]
+    for name, shape in shapes.items():
+        if name.startswith("lora_te_") and name.endswith("q_proj") and len(shape) >= 2:
+            family = _TE_WIDTH_FAMILY.get(shape[1])
+            if family:
+                return family
+    return None
