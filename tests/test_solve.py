@@ -15,7 +15,14 @@ from iteris_sd.solve import (
 )
 from iteris_sd.stats import ConceptStats
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def stats_for(X, X_merged=None):
