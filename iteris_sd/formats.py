@@ -565,10 +565,13 @@ def _save_atomically(path: str, tensors: dict[str, Tensor], metadata: dict[str, 
     """
     folder, base = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{base}.{uuid.uuid4().hex}.tmp")
-    # created by hand (not mkstemp) so the file gets the usual umask permissions, not 0600
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        # safetensors writes 0600; give the file the permissions a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -106,7 +106,7 @@ class CalibrationSpec:
 
     steps: int = _f("Sampling steps of each LoRA's calibration trajectory (>= 1).", 8, ge=1)
     resolution: int = _f("Image size in pixels of the calibration samples (a multiple of "
-                         "8, >= 64).", 512, ge=64, multiple_of=8)
+                         "8, >= 16).", 512, ge=16, multiple_of=8)
     cfg: float = _f("Classifier-free guidance scale of the calibration samples (>= 1.0).",
                     5.0, ge=1.0)
     sampler: str = _f("Sampler of the calibration trajectory: " + ", ".join(SAMPLERS) + ".",

@@ -87,6 +87,24 @@ def solve_layer(problem: LayerProblem, weights: list[float], reg: float) -> Tens
     return Zt.T.contiguous().float()
 
 
+def regmean_layer(problem: LayerProblem, alpha: float = 0.9) -> Tensor:
+    """RegMean (Jin et al., ICLR 2023) on the reference inputs, X~ = X, one shot:
+
+        W = [sum_i dW_i G'_i] [sum_i G'_i]^-1,   G' = alpha G + (1 - alpha) diag(G),
+
+    the off-diagonal shrinkage being RegMean's own regulariser. Returns Z as solve_layer."""
+    D = torch.zeros_like(problem.stats[0].gram, dtype=torch.float64)
+    rhs = []
+    for f, st in zip(problem.factors, problem.stats):
+        G = st.gram.double()
+        _check_finite(problem.name, G)
+        G = alpha * G + (1 - alpha) * torch.diag(G.diagonal())
+        D += G
+        if f is not None:
+            rhs.append(G @ f[1].double().T)
+    return solve_spd(D, torch.cat(rhs, dim=1), problem.name).T.contiguous().float()
+
+
 def solve_spd(D: Tensor, rhs: Tensor, name: str) -> Tensor:
     """D^-1 rhs for a symmetric positive semi-definite D, always finite.
 

@@ -244,7 +244,7 @@ def test_devices_accepted(files, device):
 @pytest.mark.parametrize("cal, expected", [
     ({"steps": 0}, "calibration.steps: must be >= 1, got 0"),
     ({"resolution": 500}, "calibration.resolution: must be a multiple of 8, got 500"),
-    ({"resolution": 32}, "calibration.resolution: must be >= 64, got 32"),
+    ({"resolution": 8}, "calibration.resolution: must be >= 16, got 8"),
     ({"cfg": 0.5}, "calibration.cfg: must be >= 1.0, got 0.5"),
     ({"sampler": "pndm"}, "calibration.sampler: expected one of ddim, euler, dpmpp_2m"),
     ({"timesteps": 0}, "calibration.timesteps: must be >= 1, got 0"),

@@ -11,6 +11,7 @@ from iteris_sd.solve import (
     LayerProblem,
     adaptive_weights,
     concept_residuals,
+    regmean_layer,
     solve_layer,
 )
 from iteris_sd.stats import ConceptStats
@@ -167,3 +168,13 @@ def test_residuals_match_direct_computation():
     assert ref[0] == pytest.approx(float(((X @ (B @ A).T) ** 2).sum()), rel=1e-9)
     assert res[1] == pytest.approx(float(((Xm @ W.T) ** 2).sum()), rel=1e-9)
     assert ref[1] == 0.0
+
+
+def test_regmean_matches_its_dense_formula():
+    g = torch.Generator().manual_seed(6)
+    factors = [lowrank(4, 6, 2, g), lowrank(4, 6, 1, g)]
+    Xs = [torch.randn(30, 6, generator=g) for _ in factors]
+    p = LayerProblem("l", torch.zeros(4, 6), factors, [stats_for(X) for X in Xs])
+    shrink = [0.9 * X.T @ X + 0.1 * torch.diag((X.T @ X).diagonal()) for X in Xs]
+    expected = sum((B @ A) @ G for (B, A), G in zip(factors, shrink)) @ torch.linalg.inv(sum(shrink))
+    torch.testing.assert_close(p.up @ regmean_layer(p).double(), expected, rtol=1e-5, atol=1e-5)

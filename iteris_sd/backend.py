@@ -1,0 +1,67 @@
+"""The protocol a model backend implements so one iteration driver runs on any framework.
+
+A backend owns a base model and the calibration data of each concept (its prompts, and the
+latents, timesteps and conditioning of a short trajectory sampled with that LoRA alone).
+It applies sets of low-rank deltas to its modules and reports each targeted layer's inputs.
+The diffusers backend is `iteris_sd.diffusers_backend`; a ComfyUI one lives in the nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Collection, Protocol
+
+from torch import Tensor
+
+from .lora import LoraFile, LoraLayer
+from .progress import ProgressFn
+from .stats import ConvGeometry
+
+Factors = tuple[Tensor, Tensor]
+# module id -> (U, Z): the flattened weight change U @ Z, U (d_out, R), Z (R, d_in)
+Deltas = dict[str, Factors]
+# (module id, X rows of the reference model, X~ rows of the merged model or None)
+InputSink = Callable[[str, Tensor, "Tensor | None"], None]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A module a LoRA can change: its base weight flattened to (d_out, d_in), float32 on
+    the CPU, the weight's own shape, and for a conv the geometry to unfold its input."""
+
+    weight: Tensor
+    shape: tuple[int, ...]
+    conv: ConvGeometry | None = None
+
+
+class Backend(Protocol):
+    def target(self, module_id: str) -> Target:
+        """The module's base weight and geometry."""
+
+    def concept_count(self) -> int:
+        """How many concepts (LoRAs with calibration data) the backend was given."""
+
+    def match(self, lora: LoraFile) -> dict[str, LoraLayer]:
+        """Module id -> layer for every layer of the file; raises naming unmatched keys."""
+
+    def output_name(self, module_id: str) -> str:
+        """The kohya layer name to write for a module."""
+
+    @property
+    def base_model_version(self) -> str:
+        """kohya's ss_base_model_version of the base model, e.g. "sd_v1", "sdxl_base_v1-0"."""
+
+    def capture(
+        self,
+        concept: int,
+        reference: Deltas,
+        merged: Deltas | None,
+        modules: Collection[str],
+        sink: InputSink,
+        progress: ProgressFn,
+    ) -> None:
+        """Run concept ``concept``'s calibration data through the model carrying ``reference``
+        (LoRA i alone) and, when ``merged`` is given, through the model carrying ``merged`` on
+        exactly the same latents, timesteps and prompt tokens. For every module in ``modules``
+        and every forward call, call ``sink(module, X, X_merged)`` with the paired input rows
+        (``layer_rows`` form); X_merged is None when ``merged`` is None."""

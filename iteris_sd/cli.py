@@ -1,0 +1,126 @@
+"""Command line: `python -m iteris_sd merge RECIPE.toml`, `demo`, `example-recipe`.
+
+Every recipe field can be overridden by a flag of the same dotted name
+(`--iterations 3`, `--calibration.steps 4`). Bad input ends with exit code 2 and one line
+saying what is wrong and where; Ctrl-C ends with 130 and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+from .recipe import EXAMPLE_RECIPE, REQUIRED, recipe_fields
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, FloatingPointError)
+
+
+class TqdmProgress:
+    """The core's progress callback as tqdm bars, one per phase."""
+
+    def __init__(self):
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self._bars = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        bar = self._bars.get(phase)
+        if bar is None or bar.n > done:
+            if bar is not None:
+                bar.close()
+            bar = self._bars[phase] = self._tqdm(total=total, desc=phase, leave=False, file=sys.stderr,
+                                                 dynamic_ncols=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            del self._bars[phase]
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
+
+
+def _fields_help() -> str:
+    lines = ["Flags override the recipe's fields of the same name. Each [[lora]] table has:"]
+    for f in recipe_fields():
+        if not f.name.startswith("lora[]"):
+            continue
+        default = "required" if f.default is REQUIRED else f"default {f.default!r}"
+        lines.append(f"  {f.name} ({f.type}, {default})")
+        lines += textwrap.wrap(f.help, 76, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m iteris_sd", description="Merge diffusion LoRAs with IterIS.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    merge = sub.add_parser("merge", help="merge the LoRAs of a TOML recipe",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=_fields_help() + "\n\nexample recipe:\n" + textwrap.indent(EXAMPLE_RECIPE, "  "))
+    merge.add_argument("recipe", help="the recipe .toml file")
+    for f in recipe_fields():
+        if f.name.startswith("lora[]"):
+            continue
+        default = "required in the recipe" if f.default is REQUIRED else f"recipe default {f.default!r}"
+        merge.add_argument(f"--{f.name}", dest=f"override:{f.name}", metavar=f.type.upper().replace(" ", ""),
+                           help=f"{f.help} ({default})")
+    demo = sub.add_parser("demo", help="merge concept LoRAs on the embedded tiny model (no download)")
+    demo.add_argument("--loras", type=int, default=2, choices=(2, 3, 4), help="how many concept LoRAs (default 2)")
+    demo.add_argument("--iterations", type=int, default=5, help="IterIS iterations (default 5)")
+    demo.add_argument("--out", default="out/demo", help="folder for the merged LoRA and the report (default out/demo)")
+    bench = sub.add_parser("bench", help="demo with 2 and 4 LoRAs, each in its own process; writes bench.md")
+    bench.add_argument("--iterations", type=int, default=5, help="IterIS iterations (default 5)")
+    bench.add_argument("--out", default="out/bench", help="output folder (default out/bench)")
+    sub.add_parser("example-recipe", help="print a commented example recipe")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "example-recipe":
+        print(EXAMPLE_RECIPE)
+        return 0
+    if args.command == "bench":
+        from .demo import run_bench
+
+        print(run_bench((2, 4), args.iterations, args.out))
+        return 0
+    progress = TqdmProgress()
+    try:
+        if args.command == "merge":
+            report = _merge(args, progress)
+        else:
+            from .demo import run_demo
+
+            report = run_demo(args.loras, args.iterations, args.out, progress)
+    except KeyboardInterrupt:
+        progress.close()
+        print("iteris-sd: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        progress.close()
+        print(f"iteris-sd: error: {exc}", file=sys.stderr)
+        return 2
+    progress.close()
+    print(report.table())
+    if report.history:
+        curve = ", ".join(f"{r.objective:.4f}" for r in report.history)
+        print(f"iteris error by iteration: {curve} (kept iteration {report.chosen_iteration})")
+    print(f"merge time {report.seconds:.1f} s, peak memory {report.peak_memory_bytes / 2**20:.0f} MiB")
+    if report.output:
+        print(f"wrote {report.output}")
+    return 0
+
+
+def _merge(args, progress):
+    from .pipeline import run_recipe
+    from .recipe import apply_overrides, load_recipe
+
+    recipe = load_recipe(args.recipe)
+    overrides = {k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith("override:") and v is not None}
+    if overrides:
+        recipe = apply_overrides(recipe, overrides)
+    return run_recipe(recipe, progress)

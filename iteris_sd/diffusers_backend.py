@@ -1,0 +1,372 @@
+"""The diffusers backend: SD1.x / SD2.x (UNet2DConditionModel + CLIPTextModel) and SDXL
+(two text encoders), calibrated in latent space (no VAE is needed).
+
+Deltas are applied by forward hooks, never written into the weights, so one batch can carry
+several models at once: the batch is split into equal chunks and chunk j gets delta set j.
+That is how X (the LoRA-i model) and X~ (the merged model) are captured in the same forward
+call, row for row, and why the user's model is left untouched when the hooks are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Collection, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backend import Deltas, InputSink, Target
+from .keymap import KeyMap, build_keymap, detect_family
+from .lora import LoraFile, LoraLayer
+from .progress import ProgressFn, no_progress
+from .stats import ConvGeometry
+
+SAMPLERS = ("ddim", "euler", "dpmpp_2m")
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """How each LoRA's calibration trajectory is sampled and which of its steps are captured."""
+
+    steps: int = 8
+    timesteps: int = 4
+    resolution: int = 512
+    cfg: float = 5.0
+    sampler: str = "ddim"
+    negative_prompt: str = ""
+    seeds: int = 1
+
+
+@dataclass
+class Trajectory:
+    """A sampled trajectory: the UNet inputs at each step and the prompt tokens behind them."""
+
+    token_ids: list[Tensor]  # per text encoder: (2b, L), negative prompts first
+    steps: list[tuple[Tensor, Tensor]]  # (timestep, scaled model input (b, C, h, w))
+
+
+@dataclass
+class _HookState:
+    chunks: list[dict[str, tuple[Tensor, Tensor]]]
+    capture: frozenset[str] = frozenset()
+    sink: InputSink | None = None
+
+
+class DiffusersBackend:
+    """Backend over diffusers components. ``concepts[i]`` are LoRA i's calibration prompts."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_encoders: list[nn.Module],
+        tokenizers: list,
+        scheduler_config: dict,
+        concepts: list[list[str]],
+        settings: CalibrationSettings = CalibrationSettings(),
+        seed: int = 0,
+        vae_scale_factor: int = 8,
+    ):
+        if settings.sampler not in SAMPLERS:
+            raise ValueError(f"calibration sampler {settings.sampler!r}: use one of {', '.join(SAMPLERS)}")
+        self.unet = unet
+        self.text_encoders = text_encoders
+        self.tokenizers = tokenizers
+        self.scheduler_config = dict(scheduler_config)
+        self.concepts = concepts
+        self.settings = settings
+        self.seed = seed
+        self.vae_scale_factor = vae_scale_factor
+        self.family = detect_family(unet.config)
+        components = {"unet": unet, "text_encoder": text_encoders[0]}
+        if len(text_encoders) > 1:
+            components["text_encoder_2"] = text_encoders[1]
+        self.keymap: KeyMap = build_keymap(components, self.family)
+        self._trajectories: dict[int, Trajectory] = {}
+        self._state: _HookState | None = None
+
+    # ----- the Backend protocol
+    def concept_count(self) -> int:
+        return len(self.concepts)
+
+    def match(self, lora: LoraFile) -> dict[str, LoraLayer]:
+        return self.keymap.match(lora)
+
+    def output_name(self, module_id: str) -> str:
+        return self.keymap.output_name[module_id]
+
+    @property
+    def base_model_version(self) -> str:
+        return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[self.family]
+
+    def target(self, module_id: str) -> Target:
+        module = self.keymap.modules[module_id]
+        w = module.weight.detach()
+        conv = None
+        if isinstance(module, nn.Conv2d):
+            conv = ConvGeometry(tuple(module.kernel_size), tuple(module.stride), tuple(module.padding), tuple(module.dilation))
+        return Target(w.float().cpu().reshape(w.shape[0], -1), tuple(w.shape), conv)
+
+    def capture(self, concept, reference, merged, modules, sink, progress=no_progress) -> None:
+        traj = self.trajectory(concept, reference, progress)
+        chunks = [reference] if merged is None else [reference, merged]
+        captured = _spread(traj.steps, self.settings.timesteps)
+        with self._hooked(chunks, modules, sink):
+            cond = self._encode(traj.token_ids, len(chunks))
+            for k, (t, x) in enumerate(captured):
+                self._guided_eps(x, t, cond, len(chunks))
+                progress(f"capture concept {concept + 1}", k + 1, len(captured))
+
+    # ----- calibration data and evaluation
+    def trajectory(self, concept: int, reference: Deltas, progress: ProgressFn = no_progress) -> Trajectory:
+        """LoRA i's calibration trajectory, sampled once with LoRA i alone (``reference``)
+        from its prompts and a seed of its own, and cached."""
+        if concept not in self._trajectories:
+            ids = self.token_ids(self.concepts[concept])
+            seed = self.seed + 1009 * concept
+            steps = self._sample(ids, seed, [reference], progress=progress,
+                                 phase=f"trajectory concept {concept + 1}")
+            self._trajectories[concept] = Trajectory(ids, steps)
+        return self._trajectories[concept]
+
+    def noise_fidelity(self, prompts: list[str], seed: int, reference: Deltas,
+                       candidates: dict[str, Deltas], progress: ProgressFn = no_progress) -> dict[str, float]:
+        """Held-out error of each candidate against the reference (LoRA i alone):
+
+            sqrt(sum_t ||eps_cand - eps_ref||^2 / sum_t ||eps_ref - eps_base||^2)
+
+        along the reference's own CFG trajectory from ``seed`` (0 = identical to LoRA i alone,
+        1 = as far from it as the base model)."""
+        ids = self.token_ids(prompts)
+        ref_eps, base_eps = [], []
+
+        def keep(eps):
+            ref_eps.append(eps[0])
+            base_eps.append(eps[1])
+
+        steps = self._sample(ids, seed, [reference, {}], on_step=keep, progress=progress, phase="evaluate")
+        den = sum(float(((r - b) ** 2).sum()) for r, b in zip(ref_eps, base_eps))
+        out = {}
+        for k, (name, deltas) in enumerate(candidates.items()):
+            with self._hooked([deltas]):
+                cond = self._encode(ids, 1)
+                num = sum(float(((self._guided_eps(x, t, cond, 1)[0] - r) ** 2).sum())
+                          for (t, x), r in zip(steps, ref_eps))
+            out[name] = (num / den) ** 0.5 if den > 0 else 0.0
+            progress("evaluate", k + 1, len(candidates))
+        return out
+
+    def token_ids(self, prompts: list[str]) -> list[Tensor]:
+        """Per tokenizer: (2b, L) ids, the negative prompt b times then the prompts, each
+        repeated ``seeds`` times. A prompt longer than the context is truncated, with a warning."""
+        prompts = [p for p in prompts for _ in range(self.settings.seeds)]
+        out = []
+        for tok in self.tokenizers:
+            L = tok.model_max_length
+            for p in prompts:
+                if len(tok(p).input_ids) > L:
+                    warnings.warn(f"prompt {p[:40]!r}... is longer than the text encoder's {L} tokens; the rest is ignored")
+            texts = [self.settings.negative_prompt] * len(prompts) + prompts
+            out.append(tok(texts, padding="max_length", max_length=L, truncation=True, return_tensors="pt").input_ids)
+        return out
+
+    # ----- model calls
+    def _device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def _sample(self, token_ids, seed, chunks, on_step=None, progress=no_progress, phase="sample"):
+        """Sample with CFG along chunk 0's predictions; returns [(t, model input)] per step."""
+        s = self.settings
+        sched = make_scheduler(s.sampler, self.scheduler_config)
+        sched.set_timesteps(s.steps)
+        b = token_ids[0].shape[0] // 2
+        side = s.resolution // self.vae_scale_factor
+        g = torch.Generator().manual_seed(seed)
+        latents = torch.randn(b, self.unet.config.in_channels, side, side, generator=g) * sched.init_noise_sigma
+        latents = latents.to(self._device())
+        steps = []
+        with self._hooked(chunks):
+            cond = self._encode(token_ids, len(chunks))
+            for k, t in enumerate(sched.timesteps):
+                x = sched.scale_model_input(latents, t)
+                eps = self._guided_eps(x, t, cond, len(chunks))
+                steps.append((t, x))
+                if on_step is not None:
+                    on_step(eps)
+                latents = sched.step(eps[0], t, latents).prev_sample
+                progress(phase, k + 1, len(sched.timesteps))
+        return steps
+
+    def _encode(self, token_ids: list[Tensor], n_chunks: int) -> dict[str, Tensor]:
+        """Text conditioning for n_chunks copies of the batch (chunk j under delta set j)."""
+        dev = self._device()
+        ids = [t.repeat(n_chunks, 1).to(dev) for t in token_ids]
+        if len(self.text_encoders) == 1:
+            return {"encoder_hidden_states": self.text_encoders[0](ids[0])[0]}
+        out1 = self.text_encoders[0](ids[0], output_hidden_states=True)
+        out2 = self.text_encoders[1](ids[1], output_hidden_states=True)
+        return {
+            "encoder_hidden_states": torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1),
+            "text_embeds": out2[0],
+        }
+
+    def _guided_eps(self, x: Tensor, t, cond: dict[str, Tensor], n_chunks: int) -> list[Tensor]:
+        """CFG noise prediction for each chunk: u + cfg (c - u), float32 (b, C, h, w)."""
+        b = x.shape[0]
+        batch = x.to(self._dtype()).repeat(2 * n_chunks, 1, 1, 1)
+        kwargs = {}
+        if "text_embeds" in cond:
+            side = self.settings.resolution
+            time_ids = torch.tensor([side, side, 0, 0, side, side], dtype=batch.dtype, device=batch.device)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": time_ids.repeat(2 * b * n_chunks, 1)}
+        eps = self.unet(batch, t, encoder_hidden_states=cond["encoder_hidden_states"], **kwargs)[0].float()
+        out = []
+        for chunk in eps.chunk(n_chunks):
+            u, c = chunk.chunk(2)
+            out.append(u + self.settings.cfg * (c - u))
+        return out
+
+    @contextlib.contextmanager
+    def _hooked(self, chunks: list[Deltas], capture: Collection[str] = (), sink: InputSink | None = None) -> Iterator[None]:
+        """Hooks on every module that has a delta or is captured; always removed."""
+        device, dtype = self._device(), self._dtype()
+        prepared = [{m: _prepare(d, self.keymap.modules[m], device, dtype) for m, d in c.items()} for c in chunks]
+        wanted = set(capture).union(*[c.keys() for c in chunks])
+        self._state = _HookState(prepared, frozenset(capture), sink)
+        handles = []
+        try:
+            for m in wanted:
+                handles.append(self.keymap.modules[m].register_forward_hook(self._hook(m)))
+            with torch.inference_mode():
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+            self._state = None
+
+    def _hook(self, module_id: str):
+        def hook(module, args, output):
+            state = self._state
+            x = args[0]
+            n = len(state.chunks)
+            xs = x.chunk(n)
+            if module_id in state.capture:
+                state.sink(module_id, xs[0], xs[1] if n > 1 else None)
+            deltas = [c.get(module_id) for c in state.chunks]
+            if all(d is None for d in deltas):
+                return None
+            outs = output.chunk(n)
+            return torch.cat([o if d is None else o + _apply(module, d, xj) for o, xj, d in zip(outs, xs, deltas)])
+
+        return hook
+
+
+def _prepare(factors, module: nn.Module, device, dtype) -> tuple[Tensor, Tensor]:
+    """(U, Z) moved to the model and shaped for the module: conv kernels for a Conv2d."""
+    U, Z = (f.to(device=device, dtype=dtype) for f in factors)
+    if isinstance(module, nn.Conv2d):
+        return U.reshape(U.shape[0], U.shape[1], 1, 1), Z.reshape(Z.shape[0], module.in_channels, *module.kernel_size)
+    return U, Z
+
+
+def _apply(module: nn.Module, factors: tuple[Tensor, Tensor], x: Tensor) -> Tensor:
+    """The low-rank delta's output for input x: x Z^T U^T (a conv with Z's kernel, then 1x1 U)."""
+    U, Z = factors
+    if isinstance(module, nn.Conv2d):
+        return F.conv2d(F.conv2d(x, Z, None, module.stride, module.padding, module.dilation), U)
+    return F.linear(F.linear(x, Z), U)
+
+
+def _spread(items: list, count: int) -> list:
+    """``count`` items spread evenly over the list, first and last included."""
+    if count >= len(items):
+        return list(items)
+    if count == 1:
+        return [items[len(items) // 2]]
+    return [items[round(k * (len(items) - 1) / (count - 1))] for k in range(count)]
+
+
+def make_scheduler(sampler: str, config: dict):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}[sampler]
+    return cls.from_config(config)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def load_backend(base: str, concepts: list[list[str]], settings: CalibrationSettings = CalibrationSettings(),
+                 seed: int = 0, device: str = "auto", base_config: str | None = None) -> DiffusersBackend:
+    """A backend over a diffusers folder (model_index.json) or a single-file .safetensors
+    checkpoint (its configs from ``base_config``, a diffusers folder of the same family).
+    Calibration runs in fp16 on a GPU and fp32 on the CPU."""
+    dev = resolve_device(device)
+    dtype = torch.float16 if dev.type in ("cuda", "mps") else torch.float32
+    path = Path(base)
+    if path.is_dir():
+        parts = _load_folder(path, dtype)
+    else:
+        parts = _load_single_file(path, dtype, base_config)
+    parts["unet"].to(dev).eval()
+    for te in parts["text_encoders"]:
+        te.to(dev).eval()
+    return DiffusersBackend(concepts=concepts, settings=settings, seed=seed, **parts)
+
+
+def _load_folder(path: Path, dtype) -> dict:
+    from diffusers import UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    if not (path / "model_index.json").is_file() or not (path / "unet").is_dir():
+        raise FileNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json or unet/)")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+    tes = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)]
+    toks = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer")]
+    if (path / "text_encoder_2").is_dir():
+        tes.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype))
+        toks.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
+    scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    scale = 8
+    vae_config = path / "vae" / "config.json"
+    if vae_config.is_file():
+        scale = 2 ** (len(json.loads(vae_config.read_text()).get("block_out_channels", [0] * 4)) - 1)
+    return dict(unet=unet, text_encoders=tes, tokenizers=toks, scheduler_config=scheduler_config, vae_scale_factor=scale)
+
+
+def _load_single_file(path: Path, dtype, base_config: str | None) -> dict:
+    import safetensors
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: base model not found")
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors checkpoints are read (pickle files can run code); "
+                         "convert it, or pass a diffusers folder")
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        is_xl = any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    try:
+        pipe = cls.from_single_file(str(path), config=base_config, torch_dtype=dtype)
+    except Exception as exc:  # diffusers fetches configs from the hub when none is given
+        hint = "" if base_config else "; set base_config to a diffusers folder of the same model family"
+        raise ValueError(f"{path}: could not load the checkpoint ({type(exc).__name__}: {exc}){hint}") from exc
+    tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if is_xl else [])
+    toks = [pipe.tokenizer] + ([pipe.tokenizer_2] if is_xl else [])
+    return dict(unet=pipe.unet, text_encoders=tes, tokenizers=toks,
+                scheduler_config=dict(pipe.scheduler.config), vae_scale_factor=pipe.vae_scale_factor)

@@ -1,0 +1,242 @@
+"""From LoRA files to a merged LoRA: match, merge with each method, measure, write.
+
+`merge_loras` is the backend-agnostic Python API (the ComfyUI nodes call it with their own
+backend); `run_recipe` is what the CLI runs: it loads the diffusers backend from a recipe.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+
+from . import baselines
+from .backend import Backend, Deltas
+from .formats import kohya_metadata, read_lora, write_kohya
+from .iterate import CalibrationStats, IterationRecord, IterISConfig, calibration_errors, run_iteris
+from .lora import LoraFile
+from .lowrank import balance, truncate
+from .progress import ProgressFn, no_progress
+from .recipe import Recipe, recipe_to_dict
+from .solve import regmean_layer
+
+DATA_METHODS = ("iteris", "regmean")
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Settings of every method; ``rank`` None keeps each method's natural rank (exact
+    rank sum r_i for iteris/regmean/stack/linear/concat, max r_i for svd, and the sum of
+    the ranks for ties/dare, whose dense result is SVD-truncated)."""
+
+    iterations: int = 5
+    damping: float = 0.5
+    regularization: float = 1e-2
+    rank: int | None = None
+    density: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class MethodResult:
+    name: str
+    deltas: Deltas
+    calibration: list[float]  # per concept, measured on the merged model (0 = perfect)
+    seconds: float
+    held_out: list[float] | None = None  # per concept noise-prediction error, held-out prompts
+    energy: float = 1.0  # least retained energy over layers when a rank truncation happened
+
+
+@dataclass
+class MergeReport:
+    concepts: list[str]
+    method: str
+    results: dict[str, MethodResult]
+    history: list[IterationRecord] = field(default_factory=list)
+    chosen_iteration: int = 0
+    output: str | None = None
+    seconds: float = 0.0
+    peak_memory_bytes: int = 0
+
+    def table(self) -> str:
+        """A plain-text table: one row per method, one column per concept and metric."""
+        held = any(r.held_out is not None for r in self.results.values())
+        head = ["method"] + [f"cal {c}" for c in self.concepts]
+        if held:
+            head += [f"held-out {c}" for c in self.concepts]
+        head += ["seconds"]
+        rows = [head]
+        for r in self.results.values():
+            row = [r.name + (" *" if r.name == self.method else "")] + [f"{e:.4f}" for e in r.calibration]
+            if held:
+                row += [f"{e:.4f}" for e in r.held_out] if r.held_out else ["-"] * len(self.concepts)
+            rows.append(row + [f"{r.seconds:.1f}"])
+        widths = [max(len(row[k]) for row in rows) for k in range(len(head))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def concept_deltas(backend: Backend, loras: Sequence[LoraFile]) -> list[Deltas]:
+    """Each LoRA's flattened factors per module id, matched (and checked) by the backend."""
+    targets = {}
+    out = []
+    for lora in loras:
+        deltas = {}
+        for module_id, layer in backend.match(lora).items():
+            if module_id not in targets:
+                targets[module_id] = backend.target(module_id)
+            t = targets[module_id]
+            deltas[module_id] = layer.factors(base_weight=t.weight.reshape(t.shape))
+        out.append(deltas)
+    return out
+
+
+def merge_loras(
+    backend: Backend,
+    loras: Sequence[LoraFile],
+    methods: Sequence[str] = ("iteris",),
+    options: MergeOptions = MergeOptions(),
+    progress: ProgressFn = no_progress,
+) -> MergeReport:
+    """Merge ``loras`` with each of ``methods`` (the first is the main one) and measure each
+    on the calibration data. Nothing is written; see `write_merged`."""
+    start = time.perf_counter()
+    per_concept = concept_deltas(backend, loras)
+    cal = CalibrationStats(backend, per_concept)
+    cal.capture(backend, None, progress)
+    problems = cal.problems()
+    report = MergeReport([f.name for f in loras], methods[0], {})
+    for name in methods:
+        t0 = time.perf_counter()
+        energy = 1.0
+        if name == "iteris":
+            cfg = IterISConfig(options.iterations, options.damping, options.regularization)
+            outcome = run_iteris(backend, cal, cfg, progress)
+            deltas = outcome.deltas
+            report.history, report.chosen_iteration = outcome.history, outcome.chosen_iteration
+        elif name == "regmean":
+            deltas = {m: (p.up, regmean_layer(p)) for m, p in problems.items()}
+        else:
+            deltas, energy = _weight_merge(name, problems, options)
+        seconds = time.perf_counter() - t0
+        if options.rank is not None:
+            deltas, kept = _truncate_all(deltas, options.rank)
+            energy = min(energy, kept)
+        if name == "iteris" and report.history and options.rank is None:
+            errors = report.history[report.chosen_iteration].errors
+        else:
+            cal.capture(backend, deltas, progress)
+            errors = calibration_errors(problems, deltas)
+        report.results[name] = MethodResult(name, deltas, errors, seconds, energy=energy)
+        progress("methods", len(report.results), len(methods))
+    report.seconds = time.perf_counter() - start
+    report.peak_memory_bytes = peak_memory_bytes()
+    return report
+
+
+def evaluate_held_out(backend, report: MergeReport, loras: Sequence[LoraFile], prompts: Sequence[Sequence[str]],
+                      seed: int, progress: ProgressFn = no_progress) -> None:
+    """Fill each method's ``held_out`` errors: noise-prediction distance from LoRA i alone
+    along LoRA i's trajectory on prompts never used for calibration, with another seed."""
+    per_concept = concept_deltas(backend, loras)
+    for r in report.results.values():
+        r.held_out = []
+    for i, ps in enumerate(prompts):
+        if not ps:
+            for r in report.results.values():
+                r.held_out = None
+            return
+        scores = backend.noise_fidelity(list(ps), seed, per_concept[i],
+                                        {n: r.deltas for n, r in report.results.items()}, progress)
+        for n, r in report.results.items():
+            r.held_out.append(scores[n])
+
+
+def write_merged(path: str, backend: Backend, deltas: Deltas, *, inputs: Sequence[LoraFile], recipe: dict,
+                 dtype: str = "fp16", overwrite: bool = False) -> None:
+    """Write ``deltas`` as a kohya LoRA with alpha = rank (scale 1) and the merge metadata."""
+    layers = {}
+    conv = False
+    for m, (U, Z) in deltas.items():
+        U, Z = balance(U, Z)
+        shape = backend.target(m).shape
+        rank = U.shape[1]
+        if len(shape) == 4:
+            conv = conv or shape[2:] != (1, 1)
+            U, Z = U.reshape(shape[0], rank, 1, 1), Z.reshape(rank, *shape[1:])
+        layers[backend.output_name(m)] = (U, Z, float(rank))
+    ranks = [u.shape[1] for u, _, _ in layers.values()]
+    meta = kohya_metadata(base_model_version=backend.base_model_version, network_dim=max(ranks),
+                          network_alpha=float(max(ranks)), inputs=list(inputs), recipe=recipe, conv=conv)
+    write_kohya(path, layers, meta, dtype=dtype, overwrite=overwrite)
+
+
+def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress) -> MergeReport:
+    """Everything the CLI's `merge` does: load, merge, evaluate, write the main method's LoRA."""
+    from .diffusers_backend import CalibrationSettings, load_backend
+
+    loras = [read_lora(s.path, s.strength, s.name) for s in recipe.lora]
+    settings = CalibrationSettings(**asdict(recipe.calibration))
+    backend = load_backend(recipe.base, [s.prompts for s in recipe.lora], settings, recipe.seed,
+                           recipe.device, recipe.base_config)
+    options = MergeOptions(recipe.iterations, recipe.damping, recipe.regularization, recipe.rank,
+                           recipe.density, recipe.seed)
+    methods = [recipe.method] + [m for m in recipe.compare if m != recipe.method]
+    report = merge_loras(backend, loras, methods, options, progress)
+    held_out = [s.held_out_prompts for s in recipe.lora]
+    if all(held_out):
+        evaluate_held_out(backend, report, loras, held_out, recipe.seed + 10_007, progress)
+    summary = recipe_to_dict(recipe)
+    summary["calibration_error"] = dict(zip(report.concepts, report.results[recipe.method].calibration))
+    summary["chosen_iteration"] = report.chosen_iteration
+    write_merged(recipe.output, backend, report.results[recipe.method].deltas, inputs=loras, recipe=summary,
+                 dtype=recipe.dtype, overwrite=recipe.overwrite)
+    report.output = recipe.output
+    return report
+
+
+def _weight_merge(name: str, problems, options: MergeOptions) -> tuple[Deltas, float]:
+    """A data-free baseline applied layer by layer on the weight changes."""
+    deltas, energy = {}, 1.0
+    for m, p in problems.items():
+        present = [f for f in p.factors if f is not None]
+        if name in ("stack", "concat"):
+            merged = getattr(baselines, name)(p.factors)
+        elif name == "linear":
+            merged = baselines.linear(p.factors)
+        elif name == "svd":
+            merged = baselines.svd(p.factors, options.rank or max(f[0].shape[1] for f in present))
+        elif name in ("ties", "dare"):
+            rank = options.rank or sum(f[0].shape[1] for f in present)
+            # a seed per layer, so layers of one shape do not share a DARE mask
+            kwargs = {"seed": options.seed + zlib.crc32(m.encode())} if name == "dare" else {}
+            merged = getattr(baselines, name)(p.factors, rank, options.density, **kwargs)
+        else:
+            raise ValueError(f"unknown merge method {name!r}")
+        deltas[m] = (merged.U, merged.Z)
+        energy = min(energy, merged.energy)
+    return deltas, energy
+
+
+def _truncate_all(deltas: Deltas, rank: int) -> tuple[Deltas, float]:
+    out, kept = {}, 1.0
+    for m, (U, Z) in deltas.items():
+        U, Z, e = truncate(U, Z, rank)
+        out[m] = (U, Z)
+        kept = min(kept, e)
+    return out, kept
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident memory of this process (CPU), or peak CUDA allocation when on a GPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv (once) with torch and the project's requirements; safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, diffusers, transformers, safetensors, pytest, peft, tqdm" 2>/dev/null; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -c scripts/constraints.txt torch==2.13.0
+  .venv/bin/python -m pip install --quiet -c scripts/constraints.txt -r requirements-dev.txt
+fi
