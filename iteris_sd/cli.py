@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(run_bench((2, 4), args.iterations, args.out))
         return 0
+    _quiet_library_output()
     progress = TqdmProgress()
     try:
         if args.command == "merge":
@@ -113,6 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     if report.output:
         print(f"wrote {report.output}")
     return 0
+
+
+def _quiet_library_output() -> None:
+    """Our own bars say what is happening; silence the libraries' loading bars and chatter."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _merge(args, progress):

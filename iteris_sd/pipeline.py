@@ -10,6 +10,7 @@ import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -178,6 +179,8 @@ def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress) -> MergeRepor
     """Everything the CLI's `merge` does: load, merge, evaluate, write the main method's LoRA."""
     from .diffusers_backend import CalibrationSettings, load_backend
 
+    if Path(recipe.output).exists() and not recipe.overwrite:  # say so before minutes of work
+        raise FileExistsError(f"{recipe.output}: already exists; set overwrite = true (or --overwrite true) to replace it")
     loras = [read_lora(s.path, s.strength, s.name) for s in recipe.lora]
     settings = CalibrationSettings(**asdict(recipe.calibration))
     backend = load_backend(recipe.base, [s.prompts for s in recipe.lora], settings, recipe.seed,

@@ -1,0 +1,86 @@
+"""The diffusers backend on the tiny SD1 model: paired captures, hooks, delta application."""
+
+import pytest
+import torch
+
+from iteris_sd.diffusers_backend import CalibrationSettings, load_backend
+from iteris_sd.formats import read_lora
+from iteris_sd.iterate import IterISConfig, merge_iteris
+from iteris_sd.pipeline import concept_deltas
+
+pytestmark = pytest.mark.slow
+SETTINGS = CalibrationSettings(steps=4, timesteps=2, resolution=32)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_assets):
+    from iteris_sd.tiny import CONCEPTS
+
+    base, paths = tiny_assets
+    loras = [read_lora(p) for p in paths]
+    backend = load_backend(str(base), [list(c.prompts[:2]) for c in CONCEPTS[:2]], SETTINGS, device="cpu")
+    return backend, loras, concept_deltas(backend, loras)
+
+
+def weights_snapshot(backend):
+    return {m: mod.weight.detach().clone() for m, mod in backend.keymap.modules.items()}
+
+
+def test_capture_pairs_rows_and_leaves_the_model_untouched(setup):
+    backend, _, deltas = setup
+    before = weights_snapshot(backend)
+    seen = {}
+
+    def sink(module, X, Xm):
+        seen.setdefault(module, []).append((X.clone(), Xm.clone()))
+
+    modules = sorted(deltas[0])
+    backend.capture(0, deltas[0], deltas[0], modules, sink)
+    # The same deltas on both halves: X~ equals X row for row in every captured layer.
+    assert set(seen) == set(modules)
+    for pairs in seen.values():
+        for X, Xm in pairs:
+            assert X.shape == Xm.shape
+            torch.testing.assert_close(X, Xm)
+    assert all(not mod._forward_hooks for mod in backend.keymap.modules.values())
+    after = weights_snapshot(backend)
+    assert all(torch.equal(before[m], after[m]) for m in before)
+
+
+def test_hooked_delta_equals_patching_the_weights(setup):
+    backend, _, deltas = setup
+    ids = backend.token_ids(["a photo of sks"])
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(500)
+    with backend._hooked([deltas[1]]):  # LoRA 2 has 3x3 conv layers
+        hooked = backend._guided_eps(x, t, backend._encode(ids, 1), 1)[0]
+    saved = weights_snapshot(backend)
+    try:
+        with torch.no_grad():
+            for m, (U, Z) in deltas[1].items():
+                w = backend.keymap.modules[m].weight
+                w += (U @ Z).reshape(w.shape)
+            with backend._hooked([{}]):
+                patched = backend._guided_eps(x, t, backend._encode(ids, 1), 1)[0]
+    finally:
+        with torch.no_grad():
+            for m, w in saved.items():
+                backend.keymap.modules[m].weight.copy_(w)
+    torch.testing.assert_close(hooked, patched, rtol=1e-4, atol=1e-4)
+
+
+def test_noise_fidelity_is_zero_for_the_lora_itself_and_one_for_the_base(setup):
+    backend, _, deltas = setup
+    scores = backend.noise_fidelity(["sks at night"], 123, deltas[0], {"same": deltas[0], "base": {}})
+    assert scores["same"] == pytest.approx(0.0, abs=1e-6)
+    assert scores["base"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_stabilised_iteration_keeps_the_best_iterate(setup):
+    backend, _, deltas = setup
+    outcome = merge_iteris(backend, deltas, IterISConfig(iterations=3))
+    objectives = [r.objective for r in outcome.history]
+    assert len(objectives) == 4
+    assert objectives[outcome.chosen_iteration] == min(objectives)
+    assert min(objectives) <= objectives[0]
+    assert all(0 <= e < 1 for r in outcome.history for e in r.errors)
