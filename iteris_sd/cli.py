@@ -107,9 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     progress.close()
     print(report.table())
-    if report.history:
-        curve = ", ".join(f"{r.objective:.4f}" for r in report.history)
-        print(f"iteris error by iteration: {curve} (kept iteration {report.chosen_iteration})")
+    for r in report.history:
+        per_concept = ", ".join(f"{c} {e:.4f}" for c, e in zip(report.concepts, r.errors))
+        kept = "  <- kept" if r.iteration == report.chosen_iteration else ""
+        print(f"iteris iteration {r.iteration}: error {r.objective:.4f} ({per_concept}){kept}")
+    energy = report.results[report.method].energy
+    if energy:
+        worst = min(energy, key=energy.get)
+        print(f"rank truncation kept {sum(energy.values()) / len(energy):.1%} of the energy on average, "
+              f"least {energy[worst]:.1%} in {worst}")
     print(f"merge time {report.seconds:.1f} s, peak memory {report.peak_memory_bytes / 2**20:.0f} MiB")
     if report.output:
         print(f"wrote {report.output}")

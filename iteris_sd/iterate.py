@@ -71,10 +71,16 @@ class CalibrationStats:
             for m in self.layers
         }
 
+    def reset_merged(self) -> None:
+        """Back to X~ = X, as before the merged model was ever captured."""
+        for per_concept in self.stats.values():
+            for st in per_concept:
+                st.reset_merged()
+
     def capture(self, backend: Backend, merged: Deltas | None, progress: ProgressFn) -> None:
         """Reference statistics (merged None, done once) or the paired ones for ``merged``."""
         for i, ref in enumerate(self.concept_deltas):
-            if merged is not None:
+            if merged is not None:  # X~ of an earlier merge must not mix into this one
                 for m in self.layers:
                     self.stats[m][i].reset_merged()
 
@@ -122,6 +128,7 @@ def run_iteris(backend: Backend, cal: CalibrationStats, config: IterISConfig, pr
 
     Iterate t is measured on X~ captured with iterate t applied; t = 0 is the first solve
     (X~ = X). There are ``iterations`` damped re-solves, so iterations + 1 measurements."""
+    cal.reset_merged()  # the first solve is from X~ = X, whatever was measured before
     problems = cal.problems()
     n = len(cal.concept_deltas)
     weights = {m: adaptive_weights(p) if config.adaptive else [1.0] * n for m, p in problems.items()}

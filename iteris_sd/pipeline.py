@@ -40,6 +40,7 @@ class MergeOptions:
     rank: int | None = None
     density: float = 0.5
     seed: int = 0
+    adaptive_weights: bool = True
 
 
 @dataclass
@@ -49,7 +50,8 @@ class MethodResult:
     calibration: list[float]  # per concept, measured on the merged model (0 = perfect)
     seconds: float
     held_out: list[float] | None = None  # per concept noise-prediction error, held-out prompts
-    energy: float = 1.0  # least retained energy over layers when a rank truncation happened
+    # per layer, the fraction of sum(s^2) kept where an SVD truncated the merge (else absent)
+    energy: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,9 +114,10 @@ def merge_loras(
     report = MergeReport([f.name for f in loras], methods[0], {})
     for name in methods:
         t0 = time.perf_counter()
-        energy = 1.0
+        energy = {}
         if name == "iteris":
-            cfg = IterISConfig(options.iterations, options.damping, options.regularization)
+            cfg = IterISConfig(options.iterations, options.damping, options.regularization,
+                               adaptive=options.adaptive_weights)
             outcome = run_iteris(backend, cal, cfg, progress)
             deltas = outcome.deltas
             report.history, report.chosen_iteration = outcome.history, outcome.chosen_iteration
@@ -125,7 +128,7 @@ def merge_loras(
         seconds = time.perf_counter() - t0
         if options.rank is not None:
             deltas, kept = _truncate_all(deltas, options.rank)
-            energy = min(energy, kept)
+            energy = {m: e * energy.get(m, 1.0) for m, e in kept.items()}
         if name == "iteris" and report.history and options.rank is None:
             errors = report.history[report.chosen_iteration].errors
         else:
@@ -186,7 +189,7 @@ def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress) -> MergeRepor
     backend = load_backend(recipe.base, [s.prompts for s in recipe.lora], settings, recipe.seed,
                            recipe.device, recipe.base_config)
     options = MergeOptions(recipe.iterations, recipe.damping, recipe.regularization, recipe.rank,
-                           recipe.density, recipe.seed)
+                           recipe.density, recipe.seed, recipe.adaptive_weights)
     methods = [recipe.method] + [m for m in recipe.compare if m != recipe.method]
     report = merge_loras(backend, loras, methods, options, progress)
     held_out = [s.held_out_prompts for s in recipe.lora]
@@ -201,9 +204,9 @@ def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress) -> MergeRepor
     return report
 
 
-def _weight_merge(name: str, problems, options: MergeOptions) -> tuple[Deltas, float]:
+def _weight_merge(name: str, problems, options: MergeOptions) -> tuple[Deltas, dict[str, float]]:
     """A data-free baseline applied layer by layer on the weight changes."""
-    deltas, energy = {}, 1.0
+    deltas, energy = {}, {}
     for m, p in problems.items():
         present = [f for f in p.factors if f is not None]
         if name in ("stack", "concat"):
@@ -220,16 +223,16 @@ def _weight_merge(name: str, problems, options: MergeOptions) -> tuple[Deltas, f
         else:
             raise ValueError(f"unknown merge method {name!r}")
         deltas[m] = (merged.U, merged.Z)
-        energy = min(energy, merged.energy)
+        if name in ("svd", "ties", "dare"):
+            energy[m] = merged.energy
     return deltas, energy
 
 
-def _truncate_all(deltas: Deltas, rank: int) -> tuple[Deltas, float]:
-    out, kept = {}, 1.0
+def _truncate_all(deltas: Deltas, rank: int) -> tuple[Deltas, dict[str, float]]:
+    out, kept = {}, {}
     for m, (U, Z) in deltas.items():
-        U, Z, e = truncate(U, Z, rank)
+        U, Z, kept[m] = truncate(U, Z, rank)
         out[m] = (U, Z)
-        kept = min(kept, e)
     return out, kept
 
 

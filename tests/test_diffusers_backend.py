@@ -84,3 +84,14 @@ def test_stabilised_iteration_keeps_the_best_iterate(setup):
     assert objectives[outcome.chosen_iteration] == min(objectives)
     assert min(objectives) <= objectives[0]
     assert all(0 <= e < 1 for r in outcome.history for e in r.errors)
+
+
+def test_iteris_does_not_depend_on_methods_measured_before_it(setup):
+    from iteris_sd.pipeline import MergeOptions, merge_loras
+
+    backend, loras, _ = setup
+    alone = merge_loras(backend, loras, ["iteris"], MergeOptions(iterations=1))
+    after = merge_loras(backend, loras, ["stack", "iteris"], MergeOptions(iterations=1))
+    for m, (_, Z) in alone.results["iteris"].deltas.items():
+        torch.testing.assert_close(after.results["iteris"].deltas[m][1], Z)
+    assert alone.results["iteris"].calibration == pytest.approx(after.results["iteris"].calibration)
