@@ -33,7 +33,7 @@ def run_demo(n_loras: int = 2, iterations: int = 5, out_dir: str = "out/demo",
         "lora": [{"path": str(p), "prompts": list(c.prompts), "held_out_prompts": list(c.held_out)}
                  for p, c in zip(paths, CONCEPTS)],
     }, source="demo")
-    report = run_recipe(recipe, progress)
+    report = run_recipe(recipe, progress, score_new_seed=True)
     (out / "report.json").write_text(json.dumps(report_dict(report), indent=2))
     (out / "report.md").write_text(markdown_table(report) + "\n")
     return report
@@ -47,21 +47,24 @@ def report_dict(report: MergeReport) -> dict:
         "peak_memory_bytes": report.peak_memory_bytes,
         "chosen_iteration": report.chosen_iteration,
         "history": [r.objective for r in report.history],
-        "methods": {n: {"calibration": r.calibration, "held_out": r.held_out, "seconds": r.seconds}
+        "methods": {n: {"calibration": r.calibration, "new_seed": r.new_seed, "held_out": r.held_out,
+                        "seconds": r.seconds}
                     for n, r in report.results.items()},
     }
 
 
 def markdown_table(report: MergeReport) -> str:
-    """Mean over concepts of held-out and calibration error per method, best first."""
-    rows = ["| method | held-out error (mean) | per concept | calibration error (mean) | merge seconds |",
+    """Per method, the mean over concepts of each error (per concept in brackets), and time."""
+
+    def cell(values):
+        if not values:
+            return "-"
+        return f"{sum(values) / len(values):.3f} ({', '.join(f'{e:.2f}' for e in values)})"
+
+    rows = ["| method | held-out prompts | calibration prompts, new seed | calibration (layers) | merge s |",
             "|---|---|---|---|---|"]
-    results = sorted(report.results.values(), key=lambda r: sum(r.held_out or [0]) / max(len(r.held_out or [1]), 1))
-    for r in results:
-        held = r.held_out or []
-        mean_held = f"{sum(held) / len(held):.3f}" if held else "-"
-        rows.append(f"| {r.name} | {mean_held} | {', '.join(f'{e:.3f}' for e in held)} | "
-                    f"{sum(r.calibration) / len(r.calibration):.3f} | {r.seconds:.1f} |")
+    for r in sorted(report.results.values(), key=lambda r: sum(r.held_out or [0])):
+        rows.append(f"| {r.name} | {cell(r.held_out)} | {cell(r.new_seed)} | {cell(r.calibration)} | {r.seconds:.1f} |")
     return "\n".join(rows)
 
 

@@ -50,6 +50,7 @@ class MethodResult:
     calibration: list[float]  # per concept, measured on the merged model (0 = perfect)
     seconds: float
     held_out: list[float] | None = None  # per concept noise-prediction error, held-out prompts
+    new_seed: list[float] | None = None  # the same on the calibration prompts with an unseen seed
     # per layer, the fraction of sum(s^2) kept where an SVD truncated the merge (else absent)
     energy: dict[str, float] = field(default_factory=dict)
 
@@ -67,16 +68,17 @@ class MergeReport:
 
     def table(self) -> str:
         """A plain-text table: one row per method, one column per concept and metric."""
-        held = any(r.held_out is not None for r in self.results.values())
-        head = ["method"] + [f"cal {c}" for c in self.concepts]
-        if held:
-            head += [f"held-out {c}" for c in self.concepts]
-        head += ["seconds"]
+        columns = [("cal", "calibration")]
+        for label, attr in (("new seed", "new_seed"), ("held-out", "held_out")):
+            if any(getattr(r, attr) is not None for r in self.results.values()):
+                columns.append((label, attr))
+        head = ["method"] + [f"{label} {c}" for label, _ in columns for c in self.concepts] + ["seconds"]
         rows = [head]
         for r in self.results.values():
-            row = [r.name + (" *" if r.name == self.method else "")] + [f"{e:.4f}" for e in r.calibration]
-            if held:
-                row += [f"{e:.4f}" for e in r.held_out] if r.held_out else ["-"] * len(self.concepts)
+            row = [r.name + (" *" if r.name == self.method else "")]
+            for _, attr in columns:
+                values = getattr(r, attr)
+                row += [f"{e:.4f}" for e in values] if values else ["-"] * len(self.concepts)
             rows.append(row + [f"{r.seconds:.1f}"])
         widths = [max(len(row[k]) for row in rows) for k in range(len(head))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
@@ -141,22 +143,18 @@ def merge_loras(
     return report
 
 
-def evaluate_held_out(backend, report: MergeReport, loras: Sequence[LoraFile], prompts: Sequence[Sequence[str]],
-                      seed: int, progress: ProgressFn = no_progress) -> None:
-    """Fill each method's ``held_out`` errors: noise-prediction distance from LoRA i alone
-    along LoRA i's trajectory on prompts never used for calibration, with another seed."""
+def noise_errors(backend, loras: Sequence[LoraFile], deltas: dict[str, Deltas], prompts: Sequence[Sequence[str]],
+                 seed: int, progress: ProgressFn = no_progress) -> dict[str, list[float]]:
+    """Per method, per concept: the noise-prediction distance from LoRA i alone along LoRA
+    i's own CFG trajectory on ``prompts[i]`` from ``seed`` (0 = identical to LoRA i alone,
+    1 = as far from it as the base model); see DiffusersBackend.noise_fidelity."""
     per_concept = concept_deltas(backend, loras)
-    for r in report.results.values():
-        r.held_out = []
+    out = {name: [] for name in deltas}
     for i, ps in enumerate(prompts):
-        if not ps:
-            for r in report.results.values():
-                r.held_out = None
-            return
-        scores = backend.noise_fidelity(list(ps), seed, per_concept[i],
-                                        {n: r.deltas for n, r in report.results.items()}, progress)
-        for n, r in report.results.items():
-            r.held_out.append(scores[n])
+        scores = backend.noise_fidelity(list(ps), seed, per_concept[i], deltas, progress)
+        for name in deltas:
+            out[name].append(scores[name])
+    return out
 
 
 def write_merged(path: str, backend: Backend, deltas: Deltas, *, inputs: Sequence[LoraFile], recipe: dict,
@@ -178,8 +176,11 @@ def write_merged(path: str, backend: Backend, deltas: Deltas, *, inputs: Sequenc
     write_kohya(path, layers, meta, dtype=dtype, overwrite=overwrite)
 
 
-def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress) -> MergeReport:
-    """Everything the CLI's `merge` does: load, merge, evaluate, write the main method's LoRA."""
+def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress, score_new_seed: bool = False) -> MergeReport:
+    """Everything the CLI's `merge` does: load, merge, evaluate, write the main method's LoRA.
+
+    With ``score_new_seed`` every method is also scored on the calibration prompts with a
+    seed calibration never saw (in-distribution generalisation)."""
     from .diffusers_backend import CalibrationSettings, load_backend
 
     if Path(recipe.output).exists() and not recipe.overwrite:  # say so before minutes of work
@@ -192,9 +193,15 @@ def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress) -> MergeRepor
                            recipe.density, recipe.seed, recipe.adaptive_weights)
     methods = [recipe.method] + [m for m in recipe.compare if m != recipe.method]
     report = merge_loras(backend, loras, methods, options, progress)
+    methods_deltas = {n: r.deltas for n, r in report.results.items()}
     held_out = [s.held_out_prompts for s in recipe.lora]
-    if all(held_out):
-        evaluate_held_out(backend, report, loras, held_out, recipe.seed + 10_007, progress)
+    if all(held_out):  # held-out prompts, and a seed calibration never used
+        for n, errors in noise_errors(backend, loras, methods_deltas, held_out, recipe.seed + 10_007, progress).items():
+            report.results[n].held_out = errors
+    if score_new_seed:
+        prompts = [s.prompts for s in recipe.lora]
+        for n, errors in noise_errors(backend, loras, methods_deltas, prompts, recipe.seed + 20_011, progress).items():
+            report.results[n].new_seed = errors
     summary = recipe_to_dict(recipe)
     summary["calibration_error"] = dict(zip(report.concepts, report.results[recipe.method].calibration))
     summary["chosen_iteration"] = report.chosen_iteration
