@@ -65,3 +65,10 @@ class Backend(Protocol):
         exactly the same latents, timesteps and prompt tokens. For every module in ``modules``
         and every forward call, call ``sink(module, X, X_merged)`` with the paired input rows
         (``layer_rows`` form); X_merged is None when ``merged`` is None."""
+
+    def noise_fidelity(
+        self, prompts: list[str], seed: int, reference: Deltas, candidates: dict[str, Deltas],
+        progress: ProgressFn,
+    ) -> dict[str, float]:
+        """For evaluation: per candidate, sqrt(sum_t ||eps_cand - eps_ref||^2 / sum_t
+        ||eps_ref - eps_base||^2) along the reference's own CFG trajectory from ``seed``."""

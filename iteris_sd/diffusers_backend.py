@@ -24,9 +24,8 @@ from .backend import Deltas, InputSink, Target
 from .keymap import KeyMap, build_keymap, detect_family
 from .lora import LoraFile, LoraLayer
 from .progress import ProgressFn, no_progress
+from .recipe import SAMPLERS
 from .stats import ConvGeometry
-
-SAMPLERS = ("ddim", "euler", "dpmpp_2m")
 
 
 @dataclass(frozen=True)

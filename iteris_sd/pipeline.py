@@ -111,7 +111,9 @@ def merge_loras(
     start = time.perf_counter()
     per_concept = concept_deltas(backend, loras)
     cal = CalibrationStats(backend, per_concept)
+    t_ref = time.perf_counter()
     cal.capture(backend, None, progress)
+    reference_seconds = time.perf_counter() - t_ref
     problems = cal.problems()
     report = MergeReport([f.name for f in loras], methods[0], {})
     for name in methods:
@@ -128,6 +130,8 @@ def merge_loras(
         else:
             deltas, energy = _weight_merge(name, problems, options)
         seconds = time.perf_counter() - t0
+        if name in DATA_METHODS:  # both need the reference capture
+            seconds += reference_seconds
         if options.rank is not None:
             deltas, kept = _truncate_all(deltas, options.rank)
             energy = {m: e * energy.get(m, 1.0) for m, e in kept.items()}
