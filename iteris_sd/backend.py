@@ -38,9 +38,6 @@ class Backend(Protocol):
     def target(self, module_id: str) -> Target:
         """The module's base weight and geometry."""
 
-    def concept_count(self) -> int:
-        """How many concepts (LoRAs with calibration data) the backend was given."""
-
     def match(self, lora: LoraFile) -> dict[str, LoraLayer]:
         """Module id -> layer for every layer of the file; raises naming unmatched keys."""
 

@@ -89,9 +89,6 @@ class DiffusersBackend:
         self._state: _HookState | None = None
 
     # ----- the Backend protocol
-    def concept_count(self) -> int:
-        return len(self.concepts)
-
     def match(self, lora: LoraFile) -> dict[str, LoraLayer]:
         return self.keymap.match(lora)
 

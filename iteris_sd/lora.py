@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from .lowrank import dense_to_factors
+
 
 @dataclass(frozen=True)
 class LoraLayer:
@@ -49,18 +51,6 @@ class LoraLayer:
             return float(self.strength)
         return float(self.strength) * float(self.alpha) / self.rank
 
-    @property
-    def is_conv(self) -> bool:
-        t = self.dense if self.dense is not None else self.down
-        return t.dim() == 4 or (self.mid is not None)
-
-    @property
-    def kernel_size(self) -> tuple[int, int]:
-        if self.mid is not None:
-            return tuple(self.mid.shape[2:])
-        t = self.dense if self.dense is not None else self.down
-        return tuple(t.shape[2:]) if t.dim() == 4 else (1, 1)
-
     def dense_delta(self, base_weight: Tensor | None = None) -> Tensor:
         """The exact weight change, shaped like the base weight (float32).
 
@@ -80,25 +70,16 @@ class LoraLayer:
             raise ValueError(f"{self.name}: a DoRA layer needs the base weight to build its delta")
         return _dora_delta(base_weight.float(), delta, self.dora_scale.float(), self.strength)
 
-    def factors(self, base_weight: Tensor | None = None, rtol: float = 1e-6) -> tuple[Tensor, Tensor]:
+    def factors(self, base_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Flattened factors (B (d_out, r), A (r, d_in)) with B @ A = dense_delta, float32.
 
-        A dense or DoRA delta is factored exactly by SVD, dropping singular values below
-        ``rtol`` times the largest.
+        A dense or DoRA delta is factored exactly by SVD (round-off singular values dropped).
         """
         if self.dense is None and self.dora_scale is None:
             return _lowrank_factors(self)
         d = self.dense_delta(base_weight)
-        return exact_factors(d.reshape(d.shape[0], -1), rtol)
-
-
-def exact_factors(delta: Tensor, rtol: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """Factor a 2-D matrix as B @ A through SVD, keeping singular values > rtol * max."""
-    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    keep = int((S > rtol * S.max()).sum()) if S.numel() and S.max() > 0 else 0
-    keep = max(keep, 1)
-    root = S[:keep].sqrt()
-    return (U[:, :keep] * root).float(), (root[:, None] * Vh[:keep]).float()
+        U, Z, _ = dense_to_factors(d.reshape(d.shape[0], -1), None)
+        return U, Z
 
 
 def _down_in_shape(layer: LoraLayer) -> tuple[int, ...]:

@@ -62,6 +62,7 @@ class MergeReport:
     results: dict[str, MethodResult]
     history: list[IterationRecord] = field(default_factory=list)
     chosen_iteration: int = 0
+    references: list[Deltas] = field(default_factory=list)  # each LoRA's own deltas, per module
     output: str | None = None
     seconds: float = 0.0
     peak_memory_bytes: int = 0
@@ -115,7 +116,7 @@ def merge_loras(
     cal.capture(backend, None, progress)
     reference_seconds = time.perf_counter() - t_ref
     problems = cal.problems()
-    report = MergeReport([f.name for f in loras], methods[0], {})
+    report = MergeReport([f.name for f in loras], methods[0], {}, references=per_concept)
     for name in methods:
         t0 = time.perf_counter()
         energy = {}
@@ -147,15 +148,14 @@ def merge_loras(
     return report
 
 
-def noise_errors(backend, loras: Sequence[LoraFile], deltas: dict[str, Deltas], prompts: Sequence[Sequence[str]],
+def noise_errors(backend, references: Sequence[Deltas], deltas: dict[str, Deltas], prompts: Sequence[Sequence[str]],
                  seed: int, progress: ProgressFn = no_progress) -> dict[str, list[float]]:
     """Per method, per concept: the noise-prediction distance from LoRA i alone along LoRA
     i's own CFG trajectory on ``prompts[i]`` from ``seed`` (0 = identical to LoRA i alone,
     1 = as far from it as the base model); see DiffusersBackend.noise_fidelity."""
-    per_concept = concept_deltas(backend, loras)
     out = {name: [] for name in deltas}
-    for i, ps in enumerate(prompts):
-        scores = backend.noise_fidelity(list(ps), seed, per_concept[i], deltas, progress)
+    for ps, reference in zip(prompts, references):
+        scores = backend.noise_fidelity(list(ps), seed, reference, deltas, progress)
         for name in deltas:
             out[name].append(scores[name])
     return out
@@ -200,11 +200,11 @@ def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress, score_new_see
     methods_deltas = {n: r.deltas for n, r in report.results.items()}
     held_out = [s.held_out_prompts for s in recipe.lora]
     if all(held_out):  # held-out prompts, and a seed calibration never used
-        for n, errors in noise_errors(backend, loras, methods_deltas, held_out, recipe.seed + 10_007, progress).items():
+        for n, errors in noise_errors(backend, report.references, methods_deltas, held_out, recipe.seed + 10_007, progress).items():
             report.results[n].held_out = errors
     if score_new_seed:
         prompts = [s.prompts for s in recipe.lora]
-        for n, errors in noise_errors(backend, loras, methods_deltas, prompts, recipe.seed + 20_011, progress).items():
+        for n, errors in noise_errors(backend, report.references, methods_deltas, prompts, recipe.seed + 20_011, progress).items():
             report.results[n].new_seed = errors
     summary = recipe_to_dict(recipe)
     summary["calibration_error"] = dict(zip(report.concepts, report.results[recipe.method].calibration))

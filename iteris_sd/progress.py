@@ -7,15 +7,11 @@ raises (any exception propagates; `MergeCancelled` is the conventional one).
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable
 
 
 class MergeCancelled(Exception):
     """Raised by a progress callback to stop a merge; nothing is written."""
-
-
-class Progress(Protocol):
-    def __call__(self, phase: str, done: int, total: int) -> None: ...
 
 
 def no_progress(phase: str, done: int, total: int) -> None:
