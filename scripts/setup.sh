@@ -11,3 +11,5 @@ if ! .venv/bin/python -c "import torch, diffusers, transformers, safetensors, py
   .venv/bin/python -m pip install --quiet -c scripts/constraints.txt torch==2.13.0
   .venv/bin/python -m pip install --quiet -c scripts/constraints.txt -r requirements-dev.txt
 fi
+# A real ComfyUI server for the `comfyui` integration tests (tests/comfy_harness.py).
+bash scripts/setup_comfyui.sh
