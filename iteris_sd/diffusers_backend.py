@@ -1,26 +1,23 @@
 """The diffusers backend: SD1.x / SD2.x (UNet2DConditionModel + CLIPTextModel) and SDXL
 (two text encoders), calibrated in latent space (no VAE is needed).
 
-Deltas are applied by forward hooks, never written into the weights, so one batch can carry
-several models at once: the batch is split into equal chunks and chunk j gets delta set j.
-That is how X (the LoRA-i model) and X~ (the merged model) are captured in the same forward
-call, row for row, and why the user's model is left untouched when the hooks are removed.
+Deltas are applied by forward hooks (`iteris_sd.hooks`), never written into the weights, so
+X (the LoRA-i model) and X~ (the merged model) are captured in one forward call, row for row.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Iterator
+from typing import Collection
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import Deltas, InputSink, Target
+from .hooks import hooked
 from .keymap import KeyMap, build_keymap, detect_family
 from .lora import LoraFile, LoraLayer
 from .progress import ProgressFn, no_progress
@@ -47,13 +44,6 @@ class Trajectory:
 
     token_ids: list[Tensor]  # per text encoder: (2b, L), negative prompts first
     steps: list[tuple[Tensor, Tensor]]  # (timestep, scaled model input (b, C, h, w))
-
-
-@dataclass
-class _HookState:
-    chunks: list[dict[str, tuple[Tensor, Tensor]]]
-    capture: frozenset[str] = frozenset()
-    sink: InputSink | None = None
 
 
 class DiffusersBackend:
@@ -86,7 +76,6 @@ class DiffusersBackend:
             components["text_encoder_2"] = text_encoders[1]
         self.keymap: KeyMap = build_keymap(components, self.family)
         self._trajectories: dict[int, Trajectory] = {}
-        self._state: _HookState | None = None
 
     # ----- the Backend protocol
     def match(self, lora: LoraFile) -> dict[str, LoraLayer]:
@@ -111,7 +100,7 @@ class DiffusersBackend:
         traj = self.trajectory(concept, reference, progress)
         chunks = [reference] if merged is None else [reference, merged]
         captured = _spread(traj.steps, self.settings.timesteps)
-        with self._hooked(chunks, modules, sink):
+        with self._hooked(chunks, modules, sink), torch.inference_mode():
             cond = self._encode(traj.token_ids, len(chunks))
             for k, (t, x) in enumerate(captured):
                 self._guided_eps(x, t, cond, len(chunks))
@@ -148,7 +137,7 @@ class DiffusersBackend:
         den = sum(float(((r - b) ** 2).sum()) for r, b in zip(ref_eps, base_eps))
         out = {}
         for k, (name, deltas) in enumerate(candidates.items()):
-            with self._hooked([deltas]):
+            with self._hooked([deltas]), torch.inference_mode():
                 cond = self._encode(ids, 1)
                 num = sum(float(((self._guided_eps(x, t, cond, 1)[0] - r) ** 2).sum())
                           for (t, x), r in zip(steps, ref_eps))
@@ -188,7 +177,7 @@ class DiffusersBackend:
         latents = torch.randn(b, self.unet.config.in_channels, side, side, generator=g) * sched.init_noise_sigma
         latents = latents.to(self._device())
         steps = []
-        with self._hooked(chunks):
+        with self._hooked(chunks), torch.inference_mode():
             cond = self._encode(token_ids, len(chunks))
             for k, t in enumerate(sched.timesteps):
                 x = sched.scale_model_input(latents, t)
@@ -229,55 +218,8 @@ class DiffusersBackend:
             out.append(u + self.settings.cfg * (c - u))
         return out
 
-    @contextlib.contextmanager
-    def _hooked(self, chunks: list[Deltas], capture: Collection[str] = (), sink: InputSink | None = None) -> Iterator[None]:
-        """Hooks on every module that has a delta or is captured; always removed."""
-        device, dtype = self._device(), self._dtype()
-        prepared = [{m: _prepare(d, self.keymap.modules[m], device, dtype) for m, d in c.items()} for c in chunks]
-        wanted = set(capture).union(*[c.keys() for c in chunks])
-        self._state = _HookState(prepared, frozenset(capture), sink)
-        handles = []
-        try:
-            for m in wanted:
-                handles.append(self.keymap.modules[m].register_forward_hook(self._hook(m)))
-            with torch.inference_mode():
-                yield
-        finally:
-            for h in handles:
-                h.remove()
-            self._state = None
-
-    def _hook(self, module_id: str):
-        def hook(module, args, output):
-            state = self._state
-            x = args[0]
-            n = len(state.chunks)
-            xs = x.chunk(n)
-            if module_id in state.capture:
-                state.sink(module_id, xs[0], xs[1] if n > 1 else None)
-            deltas = [c.get(module_id) for c in state.chunks]
-            if all(d is None for d in deltas):
-                return None
-            outs = output.chunk(n)
-            return torch.cat([o if d is None else o + _apply(module, d, xj) for o, xj, d in zip(outs, xs, deltas)])
-
-        return hook
-
-
-def _prepare(factors, module: nn.Module, device, dtype) -> tuple[Tensor, Tensor]:
-    """(U, Z) moved to the model and shaped for the module: conv kernels for a Conv2d."""
-    U, Z = (f.to(device=device, dtype=dtype) for f in factors)
-    if isinstance(module, nn.Conv2d):
-        return U.reshape(U.shape[0], U.shape[1], 1, 1), Z.reshape(Z.shape[0], module.in_channels, *module.kernel_size)
-    return U, Z
-
-
-def _apply(module: nn.Module, factors: tuple[Tensor, Tensor], x: Tensor) -> Tensor:
-    """The low-rank delta's output for input x: x Z^T U^T (a conv with Z's kernel, then 1x1 U)."""
-    U, Z = factors
-    if isinstance(module, nn.Conv2d):
-        return F.conv2d(F.conv2d(x, Z, None, module.stride, module.padding, module.dilation), U)
-    return F.linear(F.linear(x, Z), U)
+    def _hooked(self, chunks: list[Deltas], capture: Collection[str] = (), sink: InputSink | None = None):
+        return hooked(self.keymap.modules, chunks, capture, sink)
 
 
 def _spread(items: list, count: int) -> list:
