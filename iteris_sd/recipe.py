@@ -49,6 +49,10 @@ METHODS = ("iteris", "regmean", "stack", "linear", "concat", "svd", "ties", "dar
 SAMPLERS = ("ddim", "euler", "dpmpp_2m")
 DTYPES = ("fp16", "bf16", "fp32")
 _DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
+_SOLVE_DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+")
+# A memory size: "auto", "none", bytes, or a number with a unit (kB MB GB TB, KiB MiB GiB TiB)
+BUDGET_RE = re.compile(r"\s*(auto|none|(\d+(\.\d*)?|\.\d+)([eE]\d+)?\s*(b|k|kb|m|mb|g|gb|t|tb|kib|mib|gib|tib)?)\s*",
+                       re.IGNORECASE)
 
 
 class RecipeError(ValueError):
@@ -152,6 +156,21 @@ class Recipe:
                                  "for a single-file `base`; omit it (or pass 'none') to infer "
                                  "them.", None,
                                  kind="folder")
+    memory_budget: str = _f("Memory the merge's statistics and solves may use on the compute device: "
+                            "'auto' (its free memory less a margin of 1 GiB + 10% of its total), 'none' "
+                            "(no limit), or a size such as '6GiB' or '800MB'. Layers are captured and "
+                            "solved in chunks that fit.", "auto", pattern=BUDGET_RE,
+                            expected="'auto', 'none' or a size such as '6GiB' or '800MB'")
+    chunk_layers: int | None = _f("Layers captured and solved together (>= 1); omit it (or pass 'none') "
+                                  "for the planner's choice from `memory_budget`.", None, ge=1)
+    tokens: int | None = _f("Token rows kept per layer and LoRA (>= 1): a seeded sample, the same rows "
+                            "for the LoRA's and the merged model's inputs, used where it is smaller than "
+                            "the d_in x d_in statistics (a layer seeing fewer rows keeps all, exactly). "
+                            "Omit it (or pass 'none') for exact statistics, sampled only where a layer "
+                            "alone exceeds `memory_budget`.", None, ge=1)
+    solve_device: str = _f("Device of the float64 solves: auto (where the statistics are; the CPU on "
+                           "mps), cpu, cuda or cuda:N.", "auto", pattern=_SOLVE_DEVICE_RE,
+                           expected="'auto', 'cpu', 'cuda' or 'cuda:N'")
     calibration: CalibrationSpec = _f("The [calibration] table.", CalibrationSpec())
     lora: list[LoraSpec] = _f("The [[lora]] tables: the LoRAs to merge (at least 1).",
                               min_items=1)
@@ -639,6 +658,10 @@ compare = ["linear", "regmean"]  # other methods scored in the same run for the 
 dtype = "fp16"            # fp16, bf16, fp32
 device = "auto"           # auto, cpu, cuda, cuda:N, mps
 seed = 0                  # seed of the calibration noise
+memory_budget = "auto"    # for statistics and solves: auto (free memory less a margin), none, "6GiB"
+# chunk_layers = 32       # layers captured and solved together (default: planned from memory_budget)
+# tokens = 4096           # token rows kept per layer and LoRA (default: exact statistics)
+solve_device = "auto"     # device of the float64 solves: auto, cpu, cuda, cuda:N
 
 [calibration]
 steps = 8                 # sampling steps of each LoRA's calibration trajectory

@@ -17,13 +17,14 @@ All arithmetic is float64.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .stats import ConceptStats
+from .stats import Stats
 
 Factors = tuple[Tensor, Tensor]
 
@@ -43,7 +44,7 @@ class LayerProblem:
     name: str
     base_weight: Tensor  # W0 flattened, (d_out, d_in)
     factors: list[Factors | None]
-    stats: list[ConceptStats]
+    stats: list[Stats]
 
     @property
     def up(self) -> Tensor:
@@ -64,45 +65,153 @@ def adaptive_weights(problem: LayerProblem) -> list[float]:
     weights = []
     for f, st in zip(problem.factors, problem.stats):
         M = W0 if f is None else W0 + f[0].double() @ f[1].double()
-        energy = float(((M @ st.gram.double()) * M).sum())
+        energy = st.energy(M)
         weights.append(float((M * M).sum()) / energy if energy > 0 else 0.0)
     return weights
 
 
-def solve_layer(problem: LayerProblem, weights: list[float], reg: float) -> Tensor:
-    """Z (R, d_in) with U @ Z = W*, the closed form above with a1 = a2 = reg."""
-    d_in = problem.base_weight.shape[1]
-    eye = torch.eye(d_in, dtype=torch.float64)
-    D = torch.zeros(d_in, d_in, dtype=torch.float64)
+def solve_device(problem: LayerProblem, device=None) -> torch.device:
+    """Where a layer is solved: ``device`` if given, else where its statistics are (float64
+    is not available on mps, so there the CPU)."""
+    if device is None:
+        device = next((st.device for st in problem.stats if st.has_reference), torch.device("cpu"))
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def choose_form(problem: LayerProblem, reg: float) -> str:
+    """"dual" when every concept's statistics are token samples, the ridge is positive and
+    the k x k system is cheaper than the d_in x d_in one; else "primal"."""
+    if reg <= 0 or not problem.stats or any(st.form != "sample" for st in problem.stats):
+        return "primal"
+    d = problem.base_weight.shape[1]
+    K = sum(st.kept for st in problem.stats)
+    R = sum(f[0].shape[1] for f in problem.factors if f is not None)
+    primal = 2 * K * d * d + d**3 / 3 + d * d * R
+    dual = K * K * d + K**3 / 3 + 3 * K * d * R
+    return "dual" if dual < primal else "primal"
+
+
+def solve_layer(problem: LayerProblem, weights: list[float], reg: float, form: str = "auto",
+                device=None) -> Tensor:
+    """Z (R, d_in) with U @ Z = W*, the closed form above with a1 = a2 = reg.
+
+    ``form``: "primal" solves the d_in x d_in system; "dual" the (sum of kept rows)^2 one
+    by the Woodbury identity (token-sampled statistics and reg > 0 only); "auto" the cheaper.
+    Float64 on ``device`` (default: the statistics' device); Z is returned float32 on the CPU.
+    """
+    if form == "auto":
+        form = choose_form(problem, reg)
+    dev = solve_device(problem, device)
+    if form == "dual":
+        Zt = _solve_dual(problem, weights, reg, dev)
+    else:
+        Zt = _solve_primal(problem, weights, reg, dev)
+    return Zt.T.contiguous().float().cpu()
+
+
+def _solve_primal(problem: LayerProblem, weights: list[float], reg: float, dev: torch.device) -> Tensor:
+    # Arithmetic as D += c (H + a||H|| I), done in place (one d_in x d_in temporary at a time).
+    D = None
     rhs = []
     for f, st, c in zip(problem.factors, problem.stats, weights):
-        _, C, H = st.solve_inputs()
-        _check_finite(problem.name, H)
-        D += c * (H + reg * torch.linalg.matrix_norm(H) * eye)
+        T = st.merged_gram64(dev)
+        norm = torch.linalg.matrix_norm(T)
+        _check_finite(problem.name, norm)  # a NaN or Inf anywhere in T makes its norm one
+        T.diagonal().add_(reg * norm)
+        T.mul_(c)
+        if D is None:
+            D = T
+        else:
+            D.add_(T)
+        del T
         if f is not None:
             # (c_i A_i (C_i + a||C_i|| I))^T = c_i (C_i^T + a||C_i|| I) A_i^T
-            A = f[1].double()
+            C = st.cross64(dev)
+            A = f[1].to(device=dev, dtype=torch.float64)
             rhs.append(c * (C.T @ A.T + reg * torch.linalg.matrix_norm(C) * A.T))
-    Zt = solve_spd(D, torch.cat(rhs, dim=1), problem.name)
-    return Zt.T.contiguous().float()
+            del C
+    return solve_spd(D, torch.cat(rhs, dim=1), problem.name)
 
 
-def regmean_layer(problem: LayerProblem, alpha: float = 0.9) -> Tensor:
+def _solve_dual(problem: LayerProblem, weights: list[float], reg: float, dev: torch.device) -> Tensor:
+    """The same W* from token samples: D = Y^T Y + lam I with Y the stacked sqrt(c_i s_i) X~_i
+    and lam = reg sum_i c_i ||H_i||_F, solved by Woodbury in the space of the kept rows."""
+    Ys, rhs, lam = [], [], 0.0
+    for f, st, c in zip(problem.factors, problem.stats, weights):
+        _, Xp, Xm, s = st.rows64(dev)
+        _check_finite(problem.name, Xm)
+        Km = Xm @ Xm.T
+        lam += c * reg * s * float(torch.linalg.matrix_norm(Km))  # ||X~^T X~||_F = ||X~ X~^T||_F
+        Ys.append(math.sqrt(c * s) * Xm)
+        if f is not None:
+            A = f[1].to(device=dev, dtype=torch.float64)
+            # ||X^T X~||_F^2 = tr(X X^T X~ X~^T)
+            norm_c = s * math.sqrt(max(float(((Xp @ Xp.T) * Km).sum()), 0.0))
+            rhs.append(c * (s * (Xm.T @ (Xp @ A.T)) + reg * norm_c * A.T))
+    R = torch.cat(rhs, dim=1)
+    if lam <= 0:
+        return _solve_primal(problem, weights, reg, dev)
+    lam_vec = torch.full((R.shape[0],), lam, dtype=torch.float64, device=dev)
+    return woodbury_solve(torch.cat(Ys), lam_vec, R, problem.name)
+
+
+def woodbury_solve(Y: Tensor, lam: Tensor, rhs: Tensor, name: str) -> Tensor:
+    """(Y^T Y + diag(lam))^-1 rhs for Y (K, d), lam (d,) > 0, in O(K^2 d) with a K x K system:
+
+        (Y^T Y + L)^-1 = L^-1 - L^-1 Y^T (I + Y L^-1 Y^T)^-1 Y L^-1.
+    """
+    inv = 1.0 / lam
+    YL = Y * inv  # Y L^-1
+    S = Y @ YL.T
+    S.diagonal().add_(1.0)
+    inner = solve_spd(S, YL @ rhs, name)
+    return inv[:, None] * rhs - YL.T @ inner
+
+
+def regmean_layer(problem: LayerProblem, alpha: float = 0.9, device=None) -> Tensor:
     """RegMean (Jin et al., ICLR 2023) on the reference inputs, X~ = X, one shot:
 
         W = [sum_i dW_i G'_i] [sum_i G'_i]^-1,   G' = alpha G + (1 - alpha) diag(G),
 
-    the off-diagonal shrinkage being RegMean's own regulariser. Returns Z as solve_layer."""
-    D = torch.zeros_like(problem.stats[0].gram, dtype=torch.float64)
+    the off-diagonal shrinkage being RegMean's own regulariser. Returns Z as solve_layer
+    (token-sampled statistics: by Woodbury with the diagonal when that is cheaper)."""
+    dev = solve_device(problem, device)
+    if choose_form(problem, 1.0) == "dual":
+        Z = _regmean_dual(problem, alpha, dev)
+        if Z is not None:
+            return Z.T.contiguous().float().cpu()
+    d_in = problem.base_weight.shape[1]
+    D = torch.zeros(d_in, d_in, dtype=torch.float64, device=dev)
     rhs = []
     for f, st in zip(problem.factors, problem.stats):
-        G = st.gram.double()
+        G = st.gram64(dev)
         _check_finite(problem.name, G)
-        G = alpha * G + (1 - alpha) * torch.diag(G.diagonal())
+        diag = G.diagonal().clone()
+        G.mul_(alpha)
+        G.diagonal().add_((1 - alpha) * diag)
         D += G
         if f is not None:
-            rhs.append(G @ f[1].double().T)
-    return solve_spd(D, torch.cat(rhs, dim=1), problem.name).T.contiguous().float()
+            rhs.append(G @ f[1].to(device=dev, dtype=torch.float64).T)
+        del G
+    return solve_spd(D, torch.cat(rhs, dim=1), problem.name).T.contiguous().float().cpu()
+
+
+def _regmean_dual(problem: LayerProblem, alpha: float, dev) -> Tensor | None:
+    Ys, rhs, diag = [], [], None
+    for f, st in zip(problem.factors, problem.stats):
+        X, _, _, s = st.rows64(dev)
+        _check_finite(problem.name, X)
+        d = s * (X * X).sum(dim=0)
+        diag = d if diag is None else diag + d
+        Ys.append(math.sqrt(alpha * s) * X)
+        if f is not None:
+            A = f[1].to(device=dev, dtype=torch.float64)
+            rhs.append(alpha * s * (X.T @ (X @ A.T)) + (1 - alpha) * d[:, None] * A.T)
+    lam = (1 - alpha) * diag
+    if float(lam.min()) <= 1e-12 * float(lam.max()):  # a feature no row reaches: dense solve
+        return None
+    return woodbury_solve(torch.cat(Ys), lam, torch.cat(rhs, dim=1), problem.name)
 
 
 def solve_spd(D: Tensor, rhs: Tensor, name: str) -> Tensor:
@@ -130,24 +239,43 @@ def solve_spd(D: Tensor, rhs: Tensor, name: str) -> Tensor:
     return evecs @ (inv[:, None] * (evecs.T @ rhs))
 
 
-def concept_residuals(problem: LayerProblem, U: Tensor, Z: Tensor) -> tuple[list[float], list[float]]:
+def concept_residuals(problem: LayerProblem, U: Tensor, Z: Tensor, device=None) -> tuple[list[float], list[float]]:
     """For a merged delta W = U Z (any method's): residual_i = ||X~_i W^T - X_i dW_i^T||_F^2 and reference_i = ||X_i dW_i^T||_F^2.
 
     Expanded through the statistics and evaluated in the small rank space:
-    tr(W H W^T) - 2 tr(W C^T dW^T) + tr(dW G dW^T).
+    tr(W H W^T) - 2 tr(W C^T dW^T) + tr(dW G dW^T); from the kept rows for token samples.
     """
-    U, Z = U.double(), Z.double()
+    dev = solve_device(problem, device)
+    U, Z = U.to(device=dev, dtype=torch.float64), Z.to(device=dev, dtype=torch.float64)
     UtU = U.T @ U
     residuals, references = [], []
     for f, st in zip(problem.factors, problem.stats):
-        G, C, H = st.solve_inputs()
-        res = float((UtU * (Z @ H @ Z.T)).sum())
-        ref = 0.0
+        B = A = None
         if f is not None:
-            B, A = f[0].double(), f[1].double()
-            res -= 2 * float(((B.T @ U) * (A @ C @ Z.T)).sum())
-            ref = float(((B.T @ B) * (A @ G @ A.T)).sum())
-            res += ref
+            B, A = f[0].to(device=dev, dtype=torch.float64), f[1].to(device=dev, dtype=torch.float64)
+        if st.form == "sample":
+            X, Xp, Xm, s = st.rows64(dev)
+            P = Xm @ Z.T
+            res = s * float((UtU * (P.T @ P)).sum())
+            ref = 0.0
+            if f is not None:
+                Q, Qp = X @ A.T, Xp @ A.T
+                res -= 2 * s * float(((B.T @ U) * (Qp.T @ P)).sum())
+                ref = s * float(((B.T @ B) * (Q.T @ Q)).sum())
+                res += ref
+        else:
+            H = st.merged_gram64(dev)
+            res = float((UtU * (Z @ H @ Z.T)).sum())
+            del H
+            ref = 0.0
+            if f is not None:
+                C = st.cross64(dev)
+                res -= 2 * float(((B.T @ U) * (A @ C @ Z.T)).sum())
+                del C
+                G = st.gram64(dev)
+                ref = float(((B.T @ B) * (A @ G @ A.T)).sum())
+                del G
+                res += ref
         residuals.append(max(res, 0.0))
         references.append(max(ref, 0.0))
     return residuals, references

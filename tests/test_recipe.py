@@ -442,7 +442,7 @@ def test_recipe_fields_cover_everything():
     for name in ["rank", "compare", "base_config", "calibration.steps", "calibration.seeds",
                  "lora[].path", "lora[].prompts", "lora[].held_out_prompts"]:
         assert name in names
-    assert len(names) == len(set(names)) == 15 + 7 + 5
+    assert len(names) == len(set(names)) == 19 + 7 + 5
     by_name = {row.name: row for row in rows}
     assert by_name["base"].default is REQUIRED and str(REQUIRED) == "(required)"
     assert by_name["rank"][1:3] == ("int | None", None)

@@ -10,12 +10,12 @@ from iteris_sd.solve import (
     IllConditionedWarning,
     LayerProblem,
     adaptive_weights,
+    choose_form,
     concept_residuals,
     regmean_layer,
     solve_layer,
 )
-from iteris_sd.stats import ConceptStats
-
+from iteris_sd.stats import ConceptStats, SampledStats
 
 
 @pytest.fixture(autouse=True)
@@ -178,3 +178,74 @@ def test_regmean_matches_its_dense_formula():
     shrink = [0.9 * X.T @ X + 0.1 * torch.diag((X.T @ X).diagonal()) for X in Xs]
     expected = sum((B @ A) @ G for (B, A), G in zip(factors, shrink)) @ torch.linalg.inv(sum(shrink))
     torch.testing.assert_close(p.up @ regmean_layer(p).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- primal and dual
+
+
+def sampled(X, X_merged, size=None):
+    st = SampledStats(X.shape[1], size or X.shape[0], dtype=torch.float64)
+    st.add_reference(X)
+    st.add_pair(X, X_merged)
+    return st
+
+
+@pytest.mark.parametrize("rows,d_in", [(12, 40), (30, 16), (25, 25)])
+def test_primal_and_dual_solves_agree(rows, d_in):
+    g = torch.Generator().manual_seed(rows * d_in)
+    d_out = 9
+    factors = [lowrank(d_out, d_in, r, g) for r in (2, 3)] + [None]
+    stats = []
+    for _ in factors:
+        X = torch.randn(rows, d_in, generator=g)
+        stats.append(sampled(X, X + 0.3 * torch.randn(rows, d_in, generator=g)))
+    p = LayerProblem("l", torch.randn(d_out, d_in, generator=g), factors, stats)
+    w = adaptive_weights(p)
+    primal = solve_layer(p, w, 1e-2, form="primal").double()
+    dual = solve_layer(p, w, 1e-2, form="dual").double()
+    torch.testing.assert_close(dual, primal, rtol=1e-6, atol=1e-6 * float(primal.abs().max()))
+    assert choose_form(p, 1e-2) == ("dual" if 3 * rows < d_in else "primal")
+    assert choose_form(p, 0.0) == "primal"  # no ridge: no Woodbury
+
+
+def test_dual_solve_of_every_row_equals_the_gram_solve():
+    g = torch.Generator().manual_seed(11)
+    d_in, rows = 48, 10
+    factors = [lowrank(6, d_in, 2, g), lowrank(6, d_in, 4, g)]
+    Xs = [torch.randn(rows, d_in, generator=g) for _ in factors]
+    Xms = [X @ (torch.eye(d_in) + 0.1 * torch.randn(d_in, d_in, generator=g)) for X in Xs]
+    gram = LayerProblem("l", torch.randn(6, d_in, generator=g), factors, [stats_for(X, Xm) for X, Xm in zip(Xs, Xms)])
+    rows_form = LayerProblem("l", gram.base_weight, factors, [sampled(X, Xm) for X, Xm in zip(Xs, Xms)])
+    assert choose_form(rows_form, 1e-2) == "dual" and choose_form(gram, 1e-2) == "primal"
+    w = adaptive_weights(gram)
+    assert adaptive_weights(rows_form) == pytest.approx(w, rel=1e-9)
+    expected = solve_layer(gram, w, 1e-2).double()
+    torch.testing.assert_close(solve_layer(rows_form, w, 1e-2).double(), expected, rtol=1e-6,
+                               atol=1e-6 * float(expected.abs().max()))
+    torch.testing.assert_close(regmean_layer(rows_form).double(), regmean_layer(gram).double(), rtol=1e-6,
+                               atol=1e-6 * float(regmean_layer(gram).abs().max()))
+    U, Z = lowrank(6, d_in, 3, g)
+    for a, b in zip(concept_residuals(rows_form, U, Z), concept_residuals(gram, U, Z)):
+        assert a == pytest.approx(b, rel=1e-9)
+
+
+def test_gram_solve_is_unchanged_by_the_lean_rewrite():
+    # The dense formula of the paper, evaluated exactly as the first version of solve_layer did.
+    g = torch.Generator().manual_seed(12)
+    d_in = 14
+    factors = [lowrank(5, d_in, 2, g), lowrank(5, d_in, 3, g), None]
+    stats = [stats_for(X, X + 0.2 * torch.randn(30, d_in, generator=g))
+             for X in (torch.randn(30, d_in, generator=g) for _ in factors)]
+    p = LayerProblem("l", torch.randn(5, d_in, generator=g), factors, stats)
+    w = adaptive_weights(p)
+    eye = torch.eye(d_in, dtype=torch.float64)
+    D = torch.zeros(d_in, d_in, dtype=torch.float64)
+    rhs = []
+    for f, st, c in zip(factors, stats, w):
+        _, C, H = st.solve_inputs()
+        D += c * (H + 1e-2 * torch.linalg.matrix_norm(H) * eye)
+        if f is not None:
+            A = f[1].double()
+            rhs.append(c * (C.T @ A.T + 1e-2 * torch.linalg.matrix_norm(C) * A.T))
+    L = torch.linalg.cholesky(D)
+    assert torch.equal(solve_layer(p, w, 1e-2), torch.cholesky_solve(torch.cat(rhs, dim=1), L).T.contiguous().float())

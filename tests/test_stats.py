@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iteris_sd.stats import ConceptStats, ConvGeometry, layer_rows
+from iteris_sd.stats import ConceptStats, ConvGeometry, SampledStats, layer_rows
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [((3, 3), (1, 1), (1, 1)), ((1, 1), (1, 1), (0, 0)), ((3, 3), (2, 2), (1, 1))])
@@ -49,3 +49,90 @@ def test_before_any_merged_capture_cross_and_merged_gram_equal_gram():
     s.add_pair(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 1.0]]))
     s.reset_merged()
     assert torch.equal(s.solve_inputs()[1], G)
+
+
+# ----------------------------------------------------------------------------- token samples
+
+
+def stream(seed=0, calls=(7, 5, 9), d=4):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, d, generator=g) for n in calls]
+
+
+def test_token_sample_keeps_the_same_rows_of_X_and_X_merged():
+    batches = stream()
+    s = SampledStats(4, size=6, seed=3)
+    for X in batches:
+        s.add_reference(X)
+    for X in batches:
+        s.add_pair(X, 2 * X + 1)  # X~ is a function of X row by row: pairs stay paired
+    X, Xp, Xm, scale = s.rows64()
+    assert X.shape == (6, 4) and s.kept == 6 and s.rows == 21 and scale == pytest.approx(21 / 6)
+    torch.testing.assert_close(Xp, X)
+    torch.testing.assert_close(Xm, 2 * X + 1)
+    every = torch.cat(batches).double()
+    assert all(any(torch.equal(row, r) for r in every) for row in X)  # real rows, no two alike
+    assert len({tuple(r.tolist()) for r in X}) == 6
+
+
+def test_token_sample_is_seeded_and_uniform_over_the_pass():
+    batches = [torch.arange(10.0)[:, None] + 10 * k for k in range(3)]  # row value = its index
+    picks = []
+    for seed in range(300):
+        s = SampledStats(1, size=6, seed=seed)
+        for X in batches:
+            s.add_reference(X)
+        picks.append(sorted(int(v) for v in s.rows64()[0].flatten()))
+    again = SampledStats(1, size=6, seed=0)
+    for X in batches:
+        again.add_reference(X)
+    assert sorted(int(v) for v in again.rows64()[0].flatten()) == picks[0]
+    assert len({tuple(p) for p in picks}) > 250  # seeds give different samples
+    counts = torch.bincount(torch.tensor([i for p in picks for i in p]), minlength=30).double()
+    expected = 300 * 6 / 30  # every row equally likely, in every call
+    assert float(counts.min()) > 0.6 * expected and float(counts.max()) < 1.4 * expected
+
+
+def test_token_sample_of_every_row_is_the_exact_statistics():
+    batches = stream()
+    merged = [X + 0.1 * torch.ones_like(X) for X in batches]
+    s, gram = SampledStats(4, size=50), ConceptStats.zeros(4, torch.float64)
+    for X, Xm in zip(batches, merged):
+        s.add_reference(X)
+        gram.add_reference(X)
+    for X, Xm in zip(batches, merged):
+        s.add_pair(X, Xm)
+        gram.add_pair(X, Xm)
+    assert s.kept == 21 and s.scale == 1.0
+    for a, b in zip(s.solve_inputs(), gram.solve_inputs()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_paired_pass_with_other_calls_than_the_reference_is_refused():
+    s = SampledStats(4, size=5)
+    for X in stream(calls=(7, 5)):
+        s.add_reference(X)
+    for X in stream(calls=(5, 7)):
+        s.add_pair(X, X)
+    with pytest.raises(RuntimeError, match="same data in the same order"):
+        s.rows64()
+
+
+def test_recomputed_reference_sample_comes_from_the_paired_pass():
+    s = SampledStats(4, size=5)
+    for X in stream():
+        s.add_pair(X, -X, reference=True)
+    X, Xp, Xm, _ = s.rows64()
+    assert s.has_reference and s.rows == 21
+    torch.testing.assert_close(X, Xp)
+    torch.testing.assert_close(Xm, -X)
+
+
+def test_lazy_statistics_allocate_in_their_dtype_when_rows_arrive():
+    s = ConceptStats.lazy(3)
+    assert s.gram is None and not s.has_reference and s.nbytes() == 0
+    with torch.inference_mode():  # as the capture sinks run
+        s.add_reference(torch.ones(2, 3, dtype=torch.float64))
+    assert s.gram.dtype == torch.float32 and not s.gram.is_inference()
+    s.add_pair(torch.ones(2, 3), torch.zeros(2, 3), reference=True)  # in place, outside inference mode
+    assert float(s.gram[0, 0]) == 4.0 and float(s.cross.abs().sum()) == 0.0 and s.rows == 4
