@@ -123,7 +123,7 @@ def read_lora(path: str | os.PathLike, strength: float = 1.0, name: str | None =
     return LoraFile(
         path=path,
         name=name or Path(path).stem,
-        sha256=_sha256(path),
+        sha256=file_sha256(path),
         layers=layers,
         strength=strength,
         metadata=metadata,
@@ -185,7 +185,7 @@ def _load_tensors(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -565,7 +565,11 @@ def _save_atomically(path: str, tensors: dict[str, Tensor], metadata: dict[str, 
     """
     folder, base = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{base}.{uuid.uuid4().hex}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    existed = os.path.exists(path)
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        raise _write_error(path, e, existed) from e
     try:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
         # safetensors writes 0600; give the file the permissions a plain open() would
@@ -573,11 +577,15 @@ def _save_atomically(path: str, tensors: dict[str, Tensor], metadata: dict[str, 
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
+            _sort_header_metadata(f)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError):  # disk full, permissions: one line naming the file
+            raise _write_error(path, e, existed) from e
         raise
     if os.name == "posix":  # make the rename itself durable
         with contextlib.suppress(OSError):
@@ -586,6 +594,32 @@ def _save_atomically(path: str, tensors: dict[str, Tensor], metadata: dict[str, 
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def _write_error(path: str, e: OSError, existed: bool) -> OSError:
+    """The error of a failed save, naming the file and saying that nothing was damaged."""
+    kept = "the existing file is unchanged" if existed else "no file was written"
+    message = f"{path}: could not write the file ({e.strerror or e}); {kept}"
+    return OSError(e.errno, message) if e.errno else OSError(message)
+
+
+def _sort_header_metadata(f) -> None:
+    """Rewrite a safetensors header in place with its metadata sorted by key.
+
+    safetensors writes ``__metadata__`` in hash order, which changes from run to run; sorted,
+    the same tensors and metadata always give the same bytes (and so the same file hash).
+    """
+    f.seek(0)
+    size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(size))
+    metadata = header.get("__metadata__")
+    if not metadata:
+        return
+    header["__metadata__"] = dict(sorted(metadata.items()))
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(raw) <= size:  # same content, so same length; pad as safetensors does, with spaces
+        f.seek(8)
+        f.write(raw.ljust(size, b" "))
 
 
 def kohya_metadata(
