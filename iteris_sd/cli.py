@@ -2,18 +2,21 @@
 
 Every recipe field can be overridden by a flag of the same dotted name
 (`--iterations 3`, `--calibration.steps 4`). Bad input ends with exit code 2 and one line
-saying what is wrong and where; Ctrl-C ends with 130 and writes nothing.
+saying what is wrong and where; a failed write (a full disk) with 1 and one line; Ctrl-C
+ends with 130 and writes nothing. Warnings are one "iteris-sd: warning:" line each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import textwrap
 
 from .recipe import EXAMPLE_RECIPE, REQUIRED, recipe_fields
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, FloatingPointError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, FloatingPointError,
+               MemoryError)  # MemoryError: iteris_sd.plan.MergeOutOfMemory, whose message names a budget
 
 
 class TqdmProgress:
@@ -25,13 +28,15 @@ class TqdmProgress:
         self._tqdm = tqdm
         self._bars = {}
 
-    def __call__(self, phase: str, done: int, total: int) -> None:
+    def __call__(self, phase: str, done: int, total: int, detail: dict | None = None) -> None:
         bar = self._bars.get(phase)
         if bar is None or bar.n > done:
             if bar is not None:
                 bar.close()
             bar = self._bars[phase] = self._tqdm(total=total, desc=phase, leave=False, file=sys.stderr,
                                                  dynamic_ncols=True)
+        if detail and "errors" in detail:
+            bar.set_postfix_str("error " + " ".join(f"{e:.3f}" for e in detail["errors"]))
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
@@ -74,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="demo with 2 and 4 LoRAs, each in its own process; writes bench.md")
     bench.add_argument("--iterations", type=int, default=5, help="IterIS iterations (default 5)")
     bench.add_argument("--out", default="out/bench", help="output folder (default out/bench)")
+    scale = sub.add_parser("scale", help="time and peak memory of IterIS against LoRAs, prompts and model size; "
+                                         "writes scale.md")
+    scale.add_argument("--models", default="tiny,sd15", help="tiny, sd15 (SD1.5's architecture, random weights)")
+    scale.add_argument("--loras", default="2,4,8", help="LoRA counts (default 2,4,8)")
+    scale.add_argument("--prompts", default="1,3,5", help="calibration prompts per LoRA (default 1,3,5)")
+    scale.add_argument("--resolution", type=int, default=128, help="calibration resolution in pixels (default 128)")
+    scale.add_argument("--iterations", type=int, default=1, help="IterIS iterations (default 1)")
+    scale.add_argument("--memory-budget", default="auto", help="the merge's memory_budget (default auto)")
+    scale.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a busy machine)")
+    scale.add_argument("--full-grid", action="store_true", help="every (LoRAs, prompts) pair for the large models "
+                                                                 "too (default: one factor at a time)")
+    scale.add_argument("--out", default="out/scale", help="output folder (default out/scale)")
     sub.add_parser("example-recipe", help="print a commented example recipe")
     return parser
 
@@ -83,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "example-recipe":
         print(EXAMPLE_RECIPE)
         return 0
+    if args.command == "scale":
+        from .scale import run_scale
+
+        print(run_scale(args.models.split(","), [int(v) for v in args.loras.split(",")],
+                        [int(v) for v in args.prompts.split(",")], args.resolution, args.iterations,
+                        args.memory_budget, args.out, args.threads, args.full_grid))
+        return 0
     if args.command == "bench":
         from .demo import run_bench
 
@@ -91,20 +115,25 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_library_output()
     progress = TqdmProgress()
     try:
-        if args.command == "merge":
-            report = _merge(args, progress)
-        else:
-            from .demo import run_demo
+        with _one_line_warnings():
+            if args.command == "merge":
+                report = _merge(args, progress)
+            else:
+                from .demo import run_demo
 
-            report = run_demo(args.loras, args.iterations, args.out, progress)
+                report = run_demo(args.loras, args.iterations, args.out, progress)
     except KeyboardInterrupt:
         progress.close()
         print("iteris-sd: interrupted; nothing was written", file=sys.stderr)
         return 130
     except USER_ERRORS as exc:
         progress.close()
-        print(f"iteris-sd: error: {exc}", file=sys.stderr)
+        print(f"iteris-sd: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # not the input's fault: a full disk, a failing drive
+        progress.close()
+        print(f"iteris-sd: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     progress.close()
     print(report.table())
     for r in report.history:
@@ -116,10 +145,37 @@ def main(argv: list[str] | None = None) -> int:
         worst = min(energy, key=energy.get)
         print(f"rank truncation kept {sum(energy.values()) / len(energy):.1%} of the energy on average, "
               f"least {energy[worst]:.1%} in {worst}")
+    if report.plan is not None:
+        print(report.plan.summary())
+        for event in report.plan.events:
+            print(f"memory: {event}")
     print(f"merge time {report.seconds:.1f} s, peak memory {report.peak_memory_bytes / 2**20:.0f} MiB")
     if report.output:
         print(f"wrote {report.output}")
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (an OSError of ours without its "[Errno N]")."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror and exc.filename is None:
+        text = exc.strerror
+    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or type(exc).__name__
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Warnings (a long prompt, an ill-conditioned layer) as one "iteris-sd: warning:" line each."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"iteris-sd: warning: {_one_line(Exception(message))}", file=sys.stderr)
+
+    previous, warnings.showwarning = warnings.showwarning, show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def _quiet_library_output() -> None:
@@ -143,4 +199,10 @@ def _merge(args, progress):
     overrides = {k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith("override:") and v is not None}
     if overrides:
         recipe = apply_overrides(recipe, overrides)
-    return run_recipe(recipe, progress)
+    return run_recipe(recipe, progress, on_plan=_show_plan)
+
+
+def _show_plan(plan) -> None:
+    """The memory plan, before the merge starts, when it splits or samples anything."""
+    if not plan.trivial:
+        print(plan.describe(), flush=True)

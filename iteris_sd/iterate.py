@@ -13,7 +13,6 @@ together once every chunk is done, so the chunking never changes the result.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -340,20 +339,6 @@ class CalibrationStats:
         return self.for_each_chunk(work, progress)
 
 
-def _report(progress: ProgressFn, phase: str, done: int, total: int, detail: dict) -> None:
-    """progress(phase, done, total, detail) where the callback takes a fourth argument
-    (see iteris_sd.progress), else progress(phase, done, total)."""
-    try:
-        params = list(inspect.signature(progress).parameters.values())
-        takes = len(params) >= 4 or any(p.kind is p.VAR_POSITIONAL for p in params)
-    except (TypeError, ValueError):
-        takes = False
-    if takes:
-        progress(phase, done, total, detail)
-    else:
-        progress(phase, done, total)
-
-
 def _layer_residuals(p: LayerProblem, merged: Deltas, device) -> tuple[list[float], list[float]]:
     U, Z = merged.get(p.name, (p.up[:, :0], p.stacked_down()[:0]))
     return concept_residuals(p, U, Z, device)
@@ -450,7 +435,7 @@ def run_iteris(backend: Backend, cal: CalibrationStats, config: IterISConfig, pr
         errors = _errors(results, cal.layers)
         record = IterationRecord(t, errors, sum(errors) / n)
         outcome.history.append(record)
-        _report(progress, "iterate", t + 1, config.iterations + 1, {"errors": list(errors), "objective": record.objective})
+        progress("iterate", t + 1, config.iterations + 1, {"errors": list(errors), "objective": record.objective})
         if best is None or not config.keep_best or record.objective < best[0].objective:
             best = (record, current)
         if not last:

@@ -6,26 +6,33 @@ backend); `run_recipe` is what the CLI runs: it loads the diffusers backend from
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import safetensors
 import torch
 
 from . import baselines
 from .backend import Backend, Deltas
 from .formats import kohya_metadata, read_lora, write_kohya
-from .iterate import CalibrationStats, IterationRecord, IterISConfig, calibration_errors, run_iteris
+from .iterate import CalibrationStats, IterationRecord, IterISConfig, run_iteris
 from .lora import LoraFile
 from .lowrank import balance, truncate
+from .plan import Plan, plan_merge
 from .progress import ProgressFn, no_progress
 from .recipe import Recipe, recipe_to_dict
-from .solve import regmean_layer
 
 DATA_METHODS = ("iteris", "regmean")
+
+
+class ZeroDeltaWarning(UserWarning):
+    """A LoRA changes nothing (all-zero weights, alpha = 0 or strength 0)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,12 @@ class MergeOptions:
     density: float = 0.5
     seed: int = 0
     adaptive_weights: bool = True
+    # Memory (see iteris_sd.plan): budget in bytes, a size string ("6GiB"), "auto" (the
+    # device's free memory less a margin) or None (no limit); the planner's choices, overridable.
+    memory_budget: int | str | None = "auto"
+    chunk_layers: int | None = None
+    tokens: int | None = None
+    solve_device: str = "auto"
 
 
 @dataclass
@@ -66,6 +79,7 @@ class MergeReport:
     output: str | None = None
     seconds: float = 0.0
     peak_memory_bytes: int = 0
+    plan: Plan | None = None  # the memory plan, with anything changed during the merge in plan.events
 
     def table(self) -> str:
         """A plain-text table: one row per method, one column per concept and metric."""
@@ -96,8 +110,36 @@ def concept_deltas(backend: Backend, loras: Sequence[LoraFile]) -> list[Deltas]:
                 targets[module_id] = backend.target(module_id)
             t = targets[module_id]
             deltas[module_id] = layer.factors(base_weight=t.weight.reshape(t.shape))
+        if not any(bool(B.any()) and bool(A.any()) for B, A in deltas.values()):
+            warnings.warn(
+                f"{lora.path}: every weight change of this LoRA is zero (zero weights, alpha = 0 or "
+                "strength 0); it is merged as asking for the base model's behaviour on its prompts",
+                ZeroDeltaWarning, stacklevel=2,
+            )
         out.append(deltas)
     return out
+
+
+def _check_inputs(backend: Backend, loras: Sequence[LoraFile], methods: Sequence[str]) -> None:
+    """One-line errors for what would otherwise fail deep inside the merge."""
+    if not loras:
+        raise ValueError("no LoRAs to merge; pass at least one")
+    if not methods:
+        raise ValueError("no merge method given; pass at least one, e.g. ['iteris']")
+    concepts = getattr(backend, "concepts", None)  # the diffusers backend's calibration prompts
+    if concepts is None:
+        return
+    if len(concepts) != len(loras):
+        raise ValueError(f"{len(loras)} LoRAs but calibration prompts for {len(concepts)}; give one "
+                         "prompt list per LoRA, in the same order")
+    for i, (lora, prompts) in enumerate(zip(loras, concepts)):
+        if not prompts:
+            raise ValueError(f"{lora.path}: LoRA {i} has no calibration prompts; give at least one, "
+                             "with its trigger words")
+        for j, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{lora.path}: calibration prompt {j} of LoRA {i} is {prompt!r}; "
+                                 "give a non-empty prompt with the LoRA's trigger words")
 
 
 def merge_loras(
@@ -106,17 +148,23 @@ def merge_loras(
     methods: Sequence[str] = ("iteris",),
     options: MergeOptions = MergeOptions(),
     progress: ProgressFn = no_progress,
+    on_plan: Callable[[Plan], None] | None = None,
 ) -> MergeReport:
     """Merge ``loras`` with each of ``methods`` (the first is the main one) and measure each
-    on the calibration data. Nothing is written; see `write_merged`."""
+    on the calibration data. Nothing is written; see `write_merged`. ``on_plan`` is called
+    with the memory plan before any calibration pass (the CLI prints ``plan.describe()``)."""
     start = time.perf_counter()
+    _check_inputs(backend, loras, methods)
     per_concept = concept_deltas(backend, loras)
-    cal = CalibrationStats(backend, per_concept)
+    plan = plan_merge(backend, per_concept, budget=options.memory_budget, chunk_layers=options.chunk_layers,
+                      tokens=options.tokens, solve_device=options.solve_device, iterations=options.iterations)
+    if on_plan is not None:
+        on_plan(plan)
+    cal = CalibrationStats(backend, per_concept, plan=plan, seed=options.seed)
     t_ref = time.perf_counter()
-    cal.capture(backend, None, progress)
+    cal.capture_references(backend, progress)
     reference_seconds = time.perf_counter() - t_ref
-    problems = cal.problems()
-    report = MergeReport([f.name for f in loras], methods[0], {}, references=per_concept)
+    report = MergeReport([f.name for f in loras], methods[0], {}, references=per_concept, plan=plan)
     for name in methods:
         t0 = time.perf_counter()
         energy = {}
@@ -127,9 +175,9 @@ def merge_loras(
             deltas = outcome.deltas
             report.history, report.chosen_iteration = outcome.history, outcome.chosen_iteration
         elif name == "regmean":
-            deltas = {m: (p.up, regmean_layer(p)) for m, p in problems.items()}
+            deltas = cal.regmean(backend, progress)
         else:
-            deltas, energy = _weight_merge(name, problems, options)
+            deltas, energy = _weight_merge(name, cal.problems(), options)
         seconds = time.perf_counter() - t0
         if name in DATA_METHODS:  # both need the reference capture
             seconds += reference_seconds
@@ -139,8 +187,7 @@ def merge_loras(
         if name == "iteris" and report.history and options.rank is None:
             errors = report.history[report.chosen_iteration].errors
         else:
-            cal.capture(backend, deltas, progress)
-            errors = calibration_errors(problems, deltas)
+            errors = cal.measure(backend, deltas, progress)
         report.results[name] = MethodResult(name, deltas, errors, seconds, energy=energy)
         progress("methods", len(report.results), len(methods))
     report.seconds = time.perf_counter() - start
@@ -164,39 +211,63 @@ def noise_errors(backend, references: Sequence[Deltas], deltas: dict[str, Deltas
 def write_merged(path: str, backend: Backend, deltas: Deltas, *, inputs: Sequence[LoraFile], recipe: dict,
                  dtype: str = "fp16", overwrite: bool = False) -> None:
     """Write ``deltas`` as a kohya LoRA with alpha = rank (scale 1) and the merge metadata."""
+    layers = kohya_layers(backend, deltas)
+    write_kohya(path, {backend.output_name(m): v for m, v in layers.items()},
+                merged_metadata(backend, layers, inputs, recipe), dtype=dtype, overwrite=overwrite)
+
+
+def kohya_layers(backend: Backend, deltas: Deltas) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Per module: (up, down, alpha = rank), balanced, shaped like kohya's (4-D for convs)."""
     layers = {}
-    conv = False
     for m, (U, Z) in deltas.items():
         U, Z = balance(U, Z)
         shape = backend.target(m).shape
         rank = U.shape[1]
         if len(shape) == 4:
-            conv = conv or shape[2:] != (1, 1)
             U, Z = U.reshape(shape[0], rank, 1, 1), Z.reshape(rank, *shape[1:])
-        layers[backend.output_name(m)] = (U, Z, float(rank))
+        layers[m] = (U, Z, float(rank))
+    return layers
+
+
+def merged_metadata(backend: Backend, layers: dict, inputs: Sequence[LoraFile], recipe: dict) -> dict[str, str]:
+    """kohya's ss_* metadata plus merged_from and the recipe, for ``kohya_layers`` output."""
     ranks = [u.shape[1] for u, _, _ in layers.values()]
-    meta = kohya_metadata(base_model_version=backend.base_model_version, network_dim=max(ranks),
+    conv = any(d.dim() == 4 and d.shape[2:] != (1, 1) for _, d, _ in layers.values())
+    return kohya_metadata(base_model_version=backend.base_model_version, network_dim=max(ranks),
                           network_alpha=float(max(ranks)), inputs=list(inputs), recipe=recipe, conv=conv)
-    write_kohya(path, layers, meta, dtype=dtype, overwrite=overwrite)
 
 
-def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress, score_new_seed: bool = False) -> MergeReport:
+def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress, score_new_seed: bool = False,
+               on_plan: Callable[[Plan], None] | None = None) -> MergeReport:
     """Everything the CLI's `merge` does: load, merge, evaluate, write the main method's LoRA.
 
     With ``score_new_seed`` every method is also scored on the calibration prompts with a
     seed calibration never saw (in-distribution generalisation)."""
     from .diffusers_backend import CalibrationSettings, load_backend
 
+    sources = [("base", recipe.base)] + [(f"lora[{i}].path", s.path) for i, s in enumerate(recipe.lora)]
+    for field_name, path in sources:  # never let overwrite = true destroy an input
+        if Path(recipe.output).exists() and Path(path).exists() and os.path.samefile(recipe.output, path):
+            raise ValueError(f"{recipe.output}: output is the same file as {field_name}; write the merge "
+                             "to a new file")
     if Path(recipe.output).exists() and not recipe.overwrite:  # say so before minutes of work
         raise FileExistsError(f"{recipe.output}: already exists; set overwrite = true (or --overwrite true) to replace it")
     loras = [read_lora(s.path, s.strength, s.name) for s in recipe.lora]
     settings = CalibrationSettings(**asdict(recipe.calibration))
-    backend = load_backend(recipe.base, [s.prompts for s in recipe.lora], settings, recipe.seed,
-                           recipe.device, recipe.base_config)
+    try:
+        backend = load_backend(recipe.base, [s.prompts for s in recipe.lora], settings, recipe.seed,
+                               recipe.device, recipe.base_config)
+    except (ValueError, FileNotFoundError):
+        raise
+    except (OSError, RuntimeError, safetensors.SafetensorError) as exc:  # a damaged or partial model
+        first = next(iter(str(exc).strip().splitlines()), "") or type(exc).__name__
+        raise ValueError(f"{recipe.base}: could not load the base model ({type(exc).__name__}: {first.strip()}); "
+                         "check that it is a complete diffusers folder or .safetensors checkpoint") from exc
     options = MergeOptions(recipe.iterations, recipe.damping, recipe.regularization, recipe.rank,
-                           recipe.density, recipe.seed, recipe.adaptive_weights)
+                           recipe.density, recipe.seed, recipe.adaptive_weights, recipe.memory_budget,
+                           recipe.chunk_layers, recipe.tokens, recipe.solve_device)
     methods = [recipe.method] + [m for m in recipe.compare if m != recipe.method]
-    report = merge_loras(backend, loras, methods, options, progress)
+    report = merge_loras(backend, loras, methods, options, progress, on_plan)
     methods_deltas = {n: r.deltas for n, r in report.results.items()}
     held_out = [s.held_out_prompts for s in recipe.lora]
     if all(held_out):  # held-out prompts, and a seed calibration never used

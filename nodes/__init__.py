@@ -1,0 +1,10 @@
+"""ComfyUI glue over the `iteris_sd` core. Imported only by ComfyUI (it imports `comfy`)."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .merge_nodes import LoraEntryNode, MergeNode, SaveLoraNode
+
+
+class IterISExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoraEntryNode, MergeNode, SaveLoraNode]

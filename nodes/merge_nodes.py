@@ -1,0 +1,273 @@
+"""The IterIS nodes: LoRA entry (chains into a list), merge, save. Thin glue: the merge
+itself is `iteris_sd.pipeline.merge_loras` over `ComfyBackend`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import comfy.model_management
+import comfy.samplers
+import comfy.sd
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..iteris_sd.formats import file_sha256, write_kohya
+from ..iteris_sd.lora import LoraFile
+from ..iteris_sd.pipeline import MergeOptions, MergeReport, kohya_layers, merge_loras, merged_metadata
+from ..iteris_sd.recipe import DTYPES, METHODS
+from .chart import convergence_image
+from .comfy_backend import ComfyBackend, ComfyCalibration
+
+LoraList = io.Custom("ITERIS_LORA_LIST")
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    name: str  # as listed in models/loras
+    path: str
+    strength: float
+    prompts: tuple[str, ...]
+
+
+class MergedLora(dict):
+    """A LORA_MODEL: ``diffusion_model.<module>.lora_up.weight`` / ``.lora_down.weight`` /
+    ``.alpha`` tensors, the keys ComfyUI's core "Load LoRA Model" applies to a MODEL. The
+    text-encoder part, the kohya layer names and the merge metadata ride along as
+    attributes, for the Save node."""
+
+    text_encoder: dict
+    names: dict
+    metadata: dict
+
+
+class LoraEntryNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IterIS_LoraEntry",
+            display_name="IterIS LoRA",
+            category="loaders/IterIS",
+            description="One LoRA to merge, with prompts that show what it does. Chain several into IterIS Merge.",
+            inputs=[
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="A LoRA from models/loras (.safetensors)."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="How strongly this LoRA counts, as in LoraLoader; the merge reproduces the LoRA at this strength."),
+                io.String.Input("prompts", multiline=True, default="",
+                                tooltip="1 to 5 prompts, one per line, that use this LoRA (its trigger word and typical subjects)."),
+                LoraList.Input("previous", optional=True, tooltip="Chain from another IterIS LoRA node to merge more LoRAs."),
+            ],
+            outputs=[LoraList.Output(display_name="loras", tooltip="The LoRAs chosen so far; connect to IterIS Merge or another entry.")],
+        )
+
+    @classmethod
+    def execute(cls, lora_name, strength, prompts, previous=None) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        if not path.lower().endswith(".safetensors"):
+            raise ValueError(f"{lora_name}: only .safetensors LoRAs are read (pickle files can run code); "
+                             "convert it to safetensors first")
+        lines = tuple(p.strip() for p in prompts.splitlines() if p.strip())
+        if not lines:
+            raise ValueError(f"{lora_name}: give at least one calibration prompt (one per line)")
+        return io.NodeOutput(list(previous or []) + [LoraEntry(lora_name, path, float(strength), lines)])
+
+
+class MergeNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IterIS_Merge",
+            display_name="IterIS Merge LoRAs",
+            category="loaders/IterIS",
+            description="Merge several LoRAs into one with IterIS: each LoRA keeps doing on its own prompts what it did alone.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the LoRAs were made for."),
+                io.Clip.Input("clip", tooltip="The base model's text encoder; merged too when the LoRAs touch it."),
+                LoraList.Input("loras", tooltip="The LoRAs to merge, from IterIS LoRA nodes."),
+                io.Combo.Input("method", options=list(METHODS), default="iteris",
+                               tooltip="iteris: iterative least squares on the model's own inputs (best). regmean: one-shot least squares. "
+                                       "stack: what chaining LoraLoaders does. linear, concat, svd, ties, dare: weight-only merges."),
+                io.Int.Input("iterations", default=5, min=0, max=50,
+                             tooltip="IterIS re-solves after the first solve; the best measured iterate is kept, so more never hurts the calibration error."),
+                io.Int.Input("rank", default=0, min=0, max=4096,
+                             tooltip="Output rank per layer; 0 keeps the exact merge (rank = sum of the input ranks), smaller truncates by SVD."),
+                io.Combo.Input("sampler", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                               tooltip="Sampler of the calibration trajectories (one per prompt, with each LoRA alone)."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                               tooltip="Scheduler of the calibration trajectories."),
+                io.Int.Input("steps", default=8, min=1, max=100, tooltip="Steps of each calibration trajectory."),
+                io.Int.Input("timesteps", default=4, min=1, max=100,
+                             tooltip="Model calls captured per prompt, spread over the trajectory."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
+                             tooltip="Image size of the calibration trajectories (use the size the LoRAs were trained at)."),
+                io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.5, tooltip="CFG scale of the calibration trajectories."),
+                io.Int.Input("calibration_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seed of the calibration noise; the same inputs and seed give the same merge."),
+                io.String.Input("negative_prompt", default="", optional=True,
+                                tooltip="Negative prompt of the calibration trajectories (the unconditional branch)."),
+                io.Float.Input("damping", default=0.5, min=0.05, max=1.0, step=0.05, optional=True,
+                               tooltip="IterIS step size; 1 is the paper's undamped iteration, which oscillates on diffusion models."),
+                io.Float.Input("regularization", default=0.01, min=0.0, max=10.0, step=0.001, optional=True,
+                               tooltip="Ridge strength, relative to each layer's input energy."),
+                io.String.Input("memory_budget", default="auto", optional=True,
+                                tooltip="Memory for the merge's statistics: 'auto' (free device memory less a margin) or a size such as 6GB."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the merged LoRA applied."),
+                io.Clip.Output(display_name="CLIP", tooltip="The text encoder with the merged LoRA applied."),
+                io.LoraModel.Output(display_name="lora", tooltip="The merged LoRA; save it with IterIS Save LoRA or apply it with Load LoRA Model."),
+                io.String.Output(display_name="report", tooltip="Per-concept error of the merge and of every iteration."),
+                io.Image.Output(display_name="chart", tooltip="Each concept's error per iteration."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, loras, method, iterations, rank, sampler, scheduler, steps, timesteps, resolution,
+                cfg, calibration_seed, negative_prompt="", damping=0.5, regularization=0.01, memory_budget="auto") -> io.NodeOutput:
+        if not loras:
+            raise ValueError("connect at least one IterIS LoRA node")
+        settings = ComfyCalibration(sampler, scheduler, steps, timesteps, resolution, cfg, negative_prompt, calibration_seed)
+        backend = ComfyBackend(model, clip, [list(e.prompts) for e in loras], settings)
+        files = [LoraFile(e.path, e.name, file_sha256(e.path), {}, e.strength) for e in loras]
+        options = MergeOptions(iterations, damping, regularization, rank or None, seed=calibration_seed,
+                               memory_budget=memory_budget.strip() or "auto")
+        progress = NodeProgress(cls.hidden.unique_id)
+        report = merge_loras(backend, files, [method], options, progress)
+        deltas = report.results[method].deltas
+        layers = kohya_layers(backend, deltas)
+        kohya = {}
+        for m, (up, down, alpha) in layers.items():
+            name = backend.output_name(m)
+            kohya |= {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, f"{name}.alpha": torch_scalar(alpha)}
+        model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, kohya, 1.0, 1.0)
+        recipe = {"method": method, "iterations": iterations, "damping": damping, "regularization": regularization,
+                  "rank": rank, "calibration": settings.__dict__, "prompts": {e.name: list(e.prompts) for e in loras},
+                  "calibration_error": dict(zip(report.concepts, report.results[method].calibration)),
+                  "chosen_iteration": report.chosen_iteration}
+        lora = _lora_model(backend, layers, merged_metadata(backend, layers, files, recipe))
+        text = report_text(report)
+        progress.send_done(report)
+        return io.NodeOutput(model_out, clip_out, lora, text, convergence_image(report), ui=ui.PreviewText(text))
+
+
+def torch_scalar(x: float):
+    import torch
+
+    return torch.tensor(float(x))
+
+
+def _lora_model(backend: ComfyBackend, layers: dict, metadata: dict) -> MergedLora:
+    lora = MergedLora()
+    lora.text_encoder, lora.names, lora.metadata = {}, {}, metadata
+    for m, (up, down, alpha) in layers.items():
+        prefix = m[: -len(".weight")]
+        part = lora if m in backend.unet_keys else lora.text_encoder
+        part |= {f"{prefix}.lora_up.weight": up, f"{prefix}.lora_down.weight": down, f"{prefix}.alpha": torch_scalar(alpha)}
+        lora.names[prefix] = backend.output_name(m)
+    return lora
+
+
+def report_text(report: MergeReport) -> str:
+    lines = [report.table()]
+    if report.plan is not None:
+        lines.append(report.plan.describe())
+    for rec in report.history:
+        mark = "  <- kept" if rec.iteration == report.chosen_iteration else ""
+        errors = "  ".join(f"{c} {e:.4f}" for c, e in zip(report.concepts, rec.errors))
+        lines.append(f"iteration {rec.iteration}: {errors}{mark}")
+    lines.append(f"merged in {report.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+class NodeProgress:
+    """The core's progress callback for a node: ProgressBar, live messages for the front end
+    (event "iteris.progress"), and ComfyUI's interrupt check, so Cancel stops the merge."""
+
+    def __init__(self, node_id):
+        self.node_id = node_id
+        self.bar = comfy.utils.ProgressBar(1, node_id=node_id)
+        self.history: list[list[float]] = []
+
+    def __call__(self, phase: str, done: int, total: int, detail: dict | None = None) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.bar.update_absolute(done, total)
+        if detail and "errors" in detail:
+            self.history.append([float(e) for e in detail["errors"]])
+        self._send({"phase": phase, "done": done, "total": total, "history": self.history})
+
+    def send_done(self, report: MergeReport) -> None:
+        self._send({"phase": "done", "done": 1, "total": 1, "concepts": report.concepts,
+                    "history": [list(r.errors) for r in report.history], "chosen": report.chosen_iteration})
+
+    def _send(self, data: dict) -> None:
+        try:
+            from server import PromptServer
+        except ImportError:  # not inside a ComfyUI server
+            return
+        if PromptServer.instance is not None:
+            PromptServer.instance.send_sync("iteris.progress", {"node": self.node_id, **data})
+
+
+class SaveLoraNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IterIS_SaveLora",
+            display_name="IterIS Save LoRA",
+            category="loaders/IterIS",
+            description="Save a LoRA (from IterIS Merge, or any LORA_MODEL) into models/loras as a kohya .safetensors file.",
+            is_output_node=True,
+            inputs=[
+                io.LoraModel.Input("lora", tooltip="The LoRA to save."),
+                io.String.Input("filename", default="iteris_merged",
+                                tooltip="File name inside models/loras (subfolders allowed, .safetensors added)."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="fp16", tooltip="Precision of the saved tensors."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name; otherwise saving refuses."),
+            ],
+            outputs=[],
+        )
+
+    @classmethod
+    def execute(cls, lora, filename, dtype, overwrite) -> io.NodeOutput:
+        path = lora_path(filename)
+        names = getattr(lora, "names", {})
+        layers = {}
+        for part in (lora, getattr(lora, "text_encoder", {})):
+            for key in part:
+                if key.endswith(".lora_up.weight"):
+                    prefix = key[: -len(".lora_up.weight")]
+                    alpha = part.get(f"{prefix}.alpha")
+                    rank = part[f"{prefix}.lora_down.weight"].shape[0]
+                    layers[names.get(prefix) or _kohya_name(prefix)] = (
+                        part[key], part[f"{prefix}.lora_down.weight"], float(alpha) if alpha is not None else float(rank))
+        if not layers:
+            raise ValueError(f"{filename}: the LoRA has no lora_up/lora_down layers to save")
+        metadata = getattr(lora, "metadata", None) or {"ss_network_module": "networks.lora"}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_kohya(path, layers, metadata, dtype=dtype, overwrite=overwrite)
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {os.path.relpath(path, folder_paths.get_folder_paths('loras')[0])}"))
+
+
+def _kohya_name(prefix: str) -> str:
+    """ComfyUI's own name for a diffusion-model module: lora_unet_ + its path with underscores."""
+    if prefix.startswith("diffusion_model."):
+        return "lora_unet_" + prefix[len("diffusion_model."):].replace(".", "_")
+    return prefix
+
+
+def lora_path(filename: str) -> str:
+    """The file for ``filename`` inside the first models/loras folder; refuses names that
+    would leave it (``..``, absolute paths, drive letters)."""
+    root = os.path.realpath(folder_paths.get_folder_paths("loras")[0])
+    name = filename.strip()
+    if not name or os.path.isabs(name) or os.path.splitdrive(name)[0] or ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"{filename!r}: give a file name inside models/loras (no '..', no absolute path)")
+    if not name.lower().endswith(".safetensors"):
+        name += ".safetensors"
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root:
+        raise ValueError(f"{filename!r}: resolves outside models/loras; choose a name inside it")
+    return path
