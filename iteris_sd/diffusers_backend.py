@@ -16,7 +16,7 @@ from typing import Collection
 import torch
 from torch import Tensor, nn
 
-from .backend import Deltas, InputSink, Target
+from .backend import Deltas, InputSink, Target, spread
 from .hooks import hooked
 from .keymap import KeyMap, build_keymap, detect_family
 from .lora import LoraFile, LoraLayer
@@ -99,7 +99,7 @@ class DiffusersBackend:
     def capture(self, concept, reference, merged, modules, sink, progress=no_progress) -> None:
         traj = self.trajectory(concept, reference, progress)
         chunks = [reference] if merged is None else [reference, merged]
-        captured = _spread(traj.steps, self.settings.timesteps)
+        captured = spread(traj.steps, self.settings.timesteps)
         with self._hooked(chunks, modules, sink), torch.inference_mode():
             cond = self._encode(traj.token_ids, len(chunks))
             for k, (t, x) in enumerate(captured):
@@ -220,15 +220,6 @@ class DiffusersBackend:
 
     def _hooked(self, chunks: list[Deltas], capture: Collection[str] = (), sink: InputSink | None = None):
         return hooked(self.keymap.modules, chunks, capture, sink)
-
-
-def _spread(items: list, count: int) -> list:
-    """``count`` items spread evenly over the list, first and last included."""
-    if count >= len(items):
-        return list(items)
-    if count == 1:
-        return [items[len(items) // 2]]
-    return [items[round(k * (len(items) - 1) / (count - 1))] for k in range(count)]
 
 
 def make_scheduler(sampler: str, config: dict):

@@ -30,7 +30,7 @@ import comfy.model_patcher
 import comfy.sample
 import comfy.weight_adapter
 
-from ..iteris_sd.backend import Deltas, InputSink, Target
+from ..iteris_sd.backend import Deltas, InputSink, Target, spread
 from ..iteris_sd.formats import LoraFormatError
 from ..iteris_sd.hooks import hooked
 from ..iteris_sd.keymap import KeyMismatchError
@@ -158,7 +158,7 @@ class ComfyBackend:
         for p, prompt in enumerate(traj.prompts):
             conds = self._encode_paired(prompt, reference, merged, te, sink)
             chunks = [reference] if merged is None else [reference, merged]
-            calls = _spread(traj.calls[p], self.settings.timesteps)
+            calls = spread(traj.calls[p], self.settings.timesteps)
             comfy.model_management.load_models_gpu([self.model])
             with hooked(self._module_map(chunks, unet), chunks, unet, sink), torch.inference_mode():
                 for k, call in enumerate(calls):
@@ -298,15 +298,6 @@ def _rows(template: Tensor, cond_or_uncond: list[int], by_kind: dict[int, Tensor
             raise ValueError(f"merged conditioning shape {tuple(src.shape)} does not pair with {tuple(chunk.shape)}")
         out.append(src.expand(chunk.shape[0], *src.shape[1:]))
     return torch.cat(out)
-
-
-def _spread(items: list, count: int) -> list:
-    """``count`` items spread evenly over the list, first and last included."""
-    if count >= len(items):
-        return list(items)
-    if count == 1:
-        return [items[len(items) // 2]]
-    return [items[round(k * (len(items) - 1) / (count - 1))] for k in range(count)]
 
 
 def _plain_lora(patch) -> tuple[Tensor, Tensor, float | None, Tensor | None] | None:

@@ -135,7 +135,10 @@ class MergeNode(io.ComfyNode):
         options = MergeOptions(iterations, damping, regularization, rank or None, seed=calibration_seed,
                                memory_budget=memory_budget.strip() or "auto")
         progress = NodeProgress(cls.hidden.unique_id)
-        report = merge_loras(backend, files, [method], options, progress)
+        try:
+            report = merge_loras(backend, files, [method], options, progress)
+        finally:
+            comfy.model_management.soft_empty_cache()
         deltas = report.results[method].deltas
         layers = kohya_layers(backend, deltas)
         kohya = {}
@@ -233,6 +236,8 @@ class SaveLoraNode(io.ComfyNode):
     @classmethod
     def execute(cls, lora, filename, dtype, overwrite) -> io.NodeOutput:
         path = lora_path(filename)
+        if os.path.exists(path) and not overwrite:  # before any work, in the node's own words
+            raise FileExistsError(f"{filename}: already exists in models/loras; turn on 'overwrite' to replace it")
         names = getattr(lora, "names", {})
         layers = {}
         for part in (lora, getattr(lora, "text_encoder", {})):

@@ -244,3 +244,38 @@ def test_front_end_extension_and_help_pages_are_served(comfy_server):
     assert ours, scripts
     for node in NODES:
         assert (REPO / "web" / "docs" / f"{node}.md").is_file()
+
+
+def test_bad_lora_files_fail_with_one_line_naming_the_file(comfy_server, comfy_lora_pair, tmp_path):
+    """In the server: a pickle LoRA is refused unopened, a LoRA for another model family names
+    its unmatched keys; neither leaves a file or a patched model."""
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    loras = comfy_server.models_dir / "loras"
+    marker = tmp_path / "unpickled"
+    (loras / "evil.pt").write_bytes(pickle.dumps(_Marker(str(marker))))
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 3072),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 4)},
+              str(loras / "flux_style.safetensors"))
+    for name, message in (("evil.pt", "only .safetensors"), ("flux_style.safetensors", "match no module")):
+        g = merge_graph(comfy_lora_pair, seed=50, iterations=0, method="linear", save_as="never_written")
+        g["a"]["inputs"]["lora_name"] = name
+        with pytest.raises(ComfyError, match=message) as err:
+            comfy_server.run(g, timeout=300)
+        summary = str(err.value).splitlines()[0]
+        assert name in summary, summary
+    assert not marker.exists()
+    assert not list(loras.glob("never_written*"))
+
+
+class _Marker:
+    """Unpickling this creates a file: proof that a file was (or was not) unpickled."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
