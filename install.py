@@ -11,7 +11,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NEEDED = {"safetensors": "safetensors", "numpy": "numpy", "diffusers": "diffusers", "transformers": "transformers", "tqdm": "tqdm"}
+NEEDED = ("safetensors", "numpy", "diffusers", "transformers", "tqdm")
 
 
 def main() -> int:
@@ -20,7 +20,7 @@ def main() -> int:
     except importlib.metadata.PackageNotFoundError:
         print("[iteris] torch is not installed in this Python; install ComfyUI's torch first", file=sys.stderr)
         return 1
-    missing = [dist for dist in NEEDED.values() if not _installed(dist)]
+    missing = [dist for dist in NEEDED if not _installed(dist)]
     if not missing:
         print("[iteris] requirements already satisfied")
         return 0

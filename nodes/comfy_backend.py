@@ -162,7 +162,7 @@ class ComfyBackend:
             comfy.model_management.load_models_gpu([self.model])
             with hooked(self._module_map(chunks, unet), chunks, unet, sink), torch.inference_mode():
                 for k, call in enumerate(calls):
-                    _replay(self.model.model, call, conds if merged is not None else None)
+                    _replay(self.model.model, call, conds)
                     progress(f"capture concept {concept + 1}", p * len(calls) + k + 1, len(traj.prompts) * len(calls))
 
     # ----- calibration data

@@ -11,6 +11,7 @@ import comfy.samplers
 import comfy.sd
 import comfy.utils
 import folder_paths
+import torch
 from comfy_api.latest import io, ui
 
 from ..iteris_sd.formats import file_sha256, write_kohya
@@ -139,38 +140,51 @@ class MergeNode(io.ComfyNode):
             report = merge_loras(backend, files, [method], options, progress)
         finally:
             comfy.model_management.soft_empty_cache()
-        deltas = report.results[method].deltas
-        layers = kohya_layers(backend, deltas)
-        kohya = {}
-        for m, (up, down, alpha) in layers.items():
-            name = backend.output_name(m)
-            kohya |= {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, f"{name}.alpha": torch_scalar(alpha)}
-        model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, kohya, 1.0, 1.0)
+        layers = kohya_layers(backend, report.results[method].deltas)
         recipe = {"method": method, "iterations": iterations, "damping": damping, "regularization": regularization,
                   "rank": rank, "calibration": settings.__dict__, "prompts": {e.name: list(e.prompts) for e in loras},
                   "calibration_error": dict(zip(report.concepts, report.results[method].calibration)),
                   "chosen_iteration": report.chosen_iteration}
         lora = _lora_model(backend, layers, merged_metadata(backend, layers, files, recipe))
+        model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, _state_dict(named_layers(lora)), 1.0, 1.0)
         text = report_text(report)
         progress.send_done(report)
         return io.NodeOutput(model_out, clip_out, lora, text, convergence_image(report), ui=ui.PreviewText(text))
 
 
-def torch_scalar(x: float):
-    import torch
-
-    return torch.tensor(float(x))
-
-
 def _lora_model(backend: ComfyBackend, layers: dict, metadata: dict) -> MergedLora:
     lora = MergedLora()
     lora.text_encoder, lora.names, lora.metadata = {}, {}, metadata
-    for m, (up, down, alpha) in layers.items():
+    for m, layer in layers.items():
         prefix = m[: -len(".weight")]
-        part = lora if m in backend.unet_keys else lora.text_encoder
-        part |= {f"{prefix}.lora_up.weight": up, f"{prefix}.lora_down.weight": down, f"{prefix}.alpha": torch_scalar(alpha)}
+        (lora if m in backend.unet_keys else lora.text_encoder).update(_state_dict({prefix: layer}))
         lora.names[prefix] = backend.output_name(m)
     return lora
+
+
+def _state_dict(layers: dict) -> dict:
+    """{name: (up, down, alpha)} as ``name.lora_up.weight`` / ``.lora_down.weight`` / ``.alpha``."""
+    out = {}
+    for name, (up, down, alpha) in layers.items():
+        out |= {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, f"{name}.alpha": torch.tensor(float(alpha))}
+    return out
+
+
+def named_layers(lora: dict) -> dict:
+    """A LORA_MODEL as {kohya name: (up, down, alpha)}: a merge's own names and its text-encoder
+    part; any other LORA_MODEL (core training nodes) with ComfyUI's lora_unet_ names; a
+    missing alpha means alpha = rank (scale 1)."""
+    names = getattr(lora, "names", {})
+    layers = {}
+    for part in (lora, getattr(lora, "text_encoder", {})):
+        for key in part:
+            if key.endswith(".lora_up.weight"):
+                prefix = key[: -len(".lora_up.weight")]
+                down = part[f"{prefix}.lora_down.weight"]
+                alpha = part.get(f"{prefix}.alpha")
+                layers[names.get(prefix) or _kohya_name(prefix)] = (
+                    part[key], down, float(alpha) if alpha is not None else float(down.shape[0]))
+    return layers
 
 
 def report_text(report: MergeReport) -> str:
@@ -238,16 +252,7 @@ class SaveLoraNode(io.ComfyNode):
         path = lora_path(filename)
         if os.path.exists(path) and not overwrite:  # before any work, in the node's own words
             raise FileExistsError(f"{filename}: already exists in models/loras; turn on 'overwrite' to replace it")
-        names = getattr(lora, "names", {})
-        layers = {}
-        for part in (lora, getattr(lora, "text_encoder", {})):
-            for key in part:
-                if key.endswith(".lora_up.weight"):
-                    prefix = key[: -len(".lora_up.weight")]
-                    alpha = part.get(f"{prefix}.alpha")
-                    rank = part[f"{prefix}.lora_down.weight"].shape[0]
-                    layers[names.get(prefix) or _kohya_name(prefix)] = (
-                        part[key], part[f"{prefix}.lora_down.weight"], float(alpha) if alpha is not None else float(rank))
+        layers = named_layers(lora)
         if not layers:
             raise ValueError(f"{filename}: the LoRA has no lora_up/lora_down layers to save")
         metadata = getattr(lora, "metadata", None) or {"ss_network_module": "networks.lora"}

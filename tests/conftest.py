@@ -1,4 +1,14 @@
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def float32_default():
+    """Build float32 tensors even if a test changed torch's default dtype."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(previous)
 
 
 @pytest.fixture(scope="session")

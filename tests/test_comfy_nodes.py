@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from comfy_harness import TEST_CHECKPOINT_NAME as CKPT
-from comfy_harness import ComfyError, loader_warnings
+from comfy_harness import CUSTOM_NODE_NAME, ComfyError, loader_warnings
 from safetensors import safe_open
 
 pytestmark = pytest.mark.comfyui
@@ -242,8 +242,9 @@ def test_front_end_extension_and_help_pages_are_served(comfy_server):
     scripts = comfy_server.get("/extensions")
     ours = [s for s in scripts if s.endswith("/iteris.js")]
     assert ours, scripts
-    for node in NODES:
-        assert (REPO / "web" / "docs" / f"{node}.md").is_file()
+    for node in NODES:  # the help pages, as the front end fetches them
+        page = comfy_server.get(f"/extensions/{CUSTOM_NODE_NAME}/docs/{node}.md")
+        assert page == (REPO / "web" / "docs" / f"{node}.md").read_text()
 
 
 def test_bad_lora_files_fail_with_one_line_naming_the_file(comfy_server, comfy_lora_pair, tmp_path):

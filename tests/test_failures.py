@@ -74,14 +74,6 @@ def bars_apart(monkeypatch):
     yield sink
 
 
-@pytest.fixture(autouse=True)
-def float32_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(previous)
-
-
 @pytest.fixture(scope="module")
 def base():
     """The tiny SD1 base folder only (cached under $ITERIS_SD_CACHE; ~5 s to build once)."""

@@ -22,15 +22,6 @@ ATTN_KOHYA = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1"
 TE_Q = "text_model.encoder.layers.0.self_attn.q_proj"
 
 
-@pytest.fixture(autouse=True)
-def float32_default():
-    """Build float32 tensors here even if another test module changed torch's default dtype."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def rnd(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=GEN)
 
