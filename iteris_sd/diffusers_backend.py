@@ -113,8 +113,8 @@ class DiffusersBackend:
         if concept not in self._trajectories:
             ids = self.token_ids(self.concepts[concept])
             seed = self.seed + 1009 * concept
-            steps = self._sample(ids, seed, [reference], progress=progress,
-                                 phase=f"trajectory concept {concept + 1}")
+            steps, _ = self._sample(ids, seed, [reference], progress=progress,
+                                    phase=f"trajectory concept {concept + 1}")
             self._trajectories[concept] = Trajectory(ids, steps)
         return self._trajectories[concept]
 
@@ -133,7 +133,7 @@ class DiffusersBackend:
             ref_eps.append(eps[0])
             base_eps.append(eps[1])
 
-        steps = self._sample(ids, seed, [reference, {}], on_step=keep, progress=progress, phase="evaluate")
+        steps, _ = self._sample(ids, seed, [reference, {}], on_step=keep, progress=progress, phase="evaluate")
         den = sum(float(((r - b) ** 2).sum()) for r, b in zip(ref_eps, base_eps))
         out = {}
         for k, (name, deltas) in enumerate(candidates.items()):
@@ -144,6 +144,11 @@ class DiffusersBackend:
             out[name] = (num / den) ** 0.5 if den > 0 else 0.0
             progress("evaluate", k + 1, len(candidates))
         return out
+
+    def sample(self, prompts: list[str], seed: int, deltas: Deltas, progress: ProgressFn = no_progress) -> Tensor:
+        """The final latents (b, C, h, w) of the CFG trajectory under ``deltas`` from ``seed``;
+        for a pixel-space model (no VAE) these are the pictures, in [-1, 1]."""
+        return self._sample(self.token_ids(prompts), seed, [deltas], progress=progress)[1]
 
     def token_ids(self, prompts: list[str]) -> list[Tensor]:
         """Per tokenizer: (2b, L) ids, the negative prompt b times then the prompts, each
@@ -167,7 +172,8 @@ class DiffusersBackend:
         return next(self.unet.parameters()).dtype
 
     def _sample(self, token_ids, seed, chunks, on_step=None, progress=no_progress, phase="sample"):
-        """Sample with CFG along chunk 0's predictions; returns [(t, model input)] per step."""
+        """Sample with CFG along chunk 0's predictions; returns ([(t, model input)] per step,
+        the final latents)."""
         s = self.settings
         sched = make_scheduler(s.sampler, self.scheduler_config)
         sched.set_timesteps(s.steps)
@@ -187,7 +193,7 @@ class DiffusersBackend:
                     on_step(eps)
                 latents = sched.step(eps[0], t, latents).prev_sample
                 progress(phase, k + 1, len(sched.timesteps))
-        return steps
+        return steps, latents.float().cpu()
 
     def _encode(self, token_ids: list[Tensor], n_chunks: int) -> dict[str, Tensor]:
         """Text conditioning for n_chunks copies of the batch (chunk j under delta set j)."""
@@ -270,7 +276,7 @@ def _load_folder(path: Path, dtype) -> dict:
         tes.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype))
         toks.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    scale = 8
+    scale = 1  # a folder without vae/ is a pixel-space model (the demo model is one)
     vae_config = path / "vae" / "config.json"
     if vae_config.is_file():
         scale = 2 ** (len(json.loads(vae_config.read_text()).get("block_out_channels", [0] * 4)) - 1)

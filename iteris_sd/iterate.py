@@ -53,6 +53,7 @@ class IterISConfig:
     regularization: float = 1e-2
     keep_best: bool = True
     adaptive: bool = True
+    keep_iterates: bool = False  # MergeOutcome.iterates: every iterate, for curves against t
     stats_dtype: torch.dtype = torch.float32
 
 
@@ -70,6 +71,7 @@ class MergeOutcome:
     deltas: Deltas
     history: list[IterationRecord] = field(default_factory=list)
     chosen_iteration: int = 0
+    iterates: list[Deltas] = field(default_factory=list)  # with IterISConfig.keep_iterates
 
 
 @dataclass
@@ -414,7 +416,8 @@ def run_iteris(backend: Backend, cal: CalibrationStats, config: IterISConfig, pr
 
     Z = cal.for_each_chunk(first, progress)
     if config.iterations == 0:
-        return MergeOutcome({m: (ups[m], Z[m]) for m in cal.layers})
+        deltas = {m: (ups[m], Z[m]) for m in cal.layers}
+        return MergeOutcome(deltas, iterates=[deltas] if config.keep_iterates else [])
     outcome, best = MergeOutcome({}), None
     for t in range(config.iterations + 1):
         current = {m: (ups[m], Z[m]) for m in cal.layers}
@@ -435,6 +438,8 @@ def run_iteris(backend: Backend, cal: CalibrationStats, config: IterISConfig, pr
         errors = _errors(results, cal.layers)
         record = IterationRecord(t, errors, sum(errors) / n)
         outcome.history.append(record)
+        if config.keep_iterates:
+            outcome.iterates.append(current)
         progress("iterate", t + 1, config.iterations + 1, {"errors": list(errors), "objective": record.objective})
         if best is None or not config.keep_best or record.objective < best[0].objective:
             best = (record, current)

@@ -544,3 +544,17 @@ def test_backend_device_is_found_by_duck_typing():
     assert backend_device(SimpleNamespace(unet=nn.Linear(2, 2).to("meta"))) == torch.device("meta")
     assert backend_device(SimpleNamespace(model=SimpleNamespace(load_device="meta"))) == torch.device("meta")
     assert backend_device(FakeBackend()) == torch.device("cpu")
+
+
+def test_keep_iterates_returns_every_iterate_as_measured_in_the_history():
+    backend = FakeBackend()
+    deltas = random_deltas(backend)
+    cal = CalibrationStats(backend, deltas)
+    cal.capture_references(backend, lambda *a: None)
+    config = IterISConfig(iterations=3, keep_best=False, keep_iterates=True)
+    outcome = run_iteris(backend, cal, config, lambda *a: None)
+    assert len(outcome.iterates) == len(outcome.history) == 4
+    assert outcome.iterates[-1] is outcome.deltas  # without keep_best the last iterate is the result
+    for merged, record in zip(outcome.iterates, outcome.history):
+        assert cal.measure(backend, merged) == pytest.approx(record.errors, rel=1e-4)
+    assert not run_iteris(backend, cal, IterISConfig(iterations=3), lambda *a: None).iterates
