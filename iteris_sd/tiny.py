@@ -1,11 +1,11 @@
-"""The embedded default: a tiny SD1-architecture model and concept LoRAs, built in code.
+"""The test model: a tiny SD1-architecture model with random weights and concept LoRAs, built in code.
 
-No download is possible in CI or on a fresh machine, so `python -m iteris_sd demo` and the
-end-to-end tests build (once, then cache) a tiny diffusers pipeline with random weights and
-a real offline BPE tokenizer, and train a few concept LoRAs on it with a real LoRA training
-loop: diffusion loss on the concept's latent pattern for prompts with its trigger word, plus
-prior preservation (match the base model) on prompts without it. Each LoRA has UNet
-attention, feed-forward and resnet-conv layers and text-encoder layers, and its own rank.
+The end-to-end, failure and ComfyUI-free tests need a model in seconds, with a VAE and every
+kind of layer a real LoRA touches, so they build (once, then cache) a tiny diffusers pipeline
+with random weights and a real offline BPE tokenizer, and train a few concept LoRAs on it with
+`iteris_sd.train`'s loop: diffusion loss on the concept's latent pattern for prompts with its
+trigger word, plus prior preservation on prompts without it. (The demo and the benchmark use
+the trained model of `iteris_sd.demo_model` instead.)
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .progress import ProgressFn, no_progress
 
-TINY_VERSION = "tiny-sd1-v1"
+TINY_VERSION = "tiny-sd1-v2"
 RESOLUTION = 32  # pixels; the tiny VAE downsamples by 2, so latents are 16 x 16
 
 
@@ -115,100 +114,33 @@ def build_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def _lora_targets(unet: nn.Module, text_encoder: nn.Module, convs: bool) -> dict[str, nn.Module]:
-    """Module id -> module: attention, feed-forward, proj_in/out, optionally resnet convs, and
-    the text encoder's attention projections."""
-    out = {}
-    for name, m in unet.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if isinstance(m, nn.Linear) and (".attn" in name or ".ff." in name):
-            out[f"unet.{name}"] = m
-        elif isinstance(m, nn.Conv2d) and (leaf in ("proj_in", "proj_out") or (convs and leaf in ("conv1", "conv2"))):
-            out[f"unet.{name}"] = m
-    for name, m in text_encoder.named_modules():
-        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            out[f"text_encoder.{name}"] = m
-    return out
-
-
 def train_concept_lora(base: Path, concept: TinyConcept, out_path: Path, steps: int = 200, seed: int = 0,
                        progress: ProgressFn = no_progress) -> Path:
     """Train one concept LoRA on the tiny model and write it as a kohya file."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    from .formats import write_kohya
-    from .keymap import build_keymap
+    from .train import lora_targets, train_lora, write_lora
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet").requires_grad_(False)
-    te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder").requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
     tok = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
     sched = DDIMScheduler.from_pretrained(base, subfolder="scheduler")
-    targets = _lora_targets(unet, te, concept.convs)
-    scale = concept.alpha / concept.rank
-    params: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
-    for mid, m in targets.items():
-        d_in = m.weight[0].numel()
-        down = nn.Parameter(torch.randn(concept.rank, d_in) / d_in ** 0.5)
-        up = nn.Parameter(torch.zeros(m.weight.shape[0], concept.rank))
-        params[mid] = (up, down)
+    targets = lora_targets(unet, te, concept.convs)
+    side, batch = RESOLUTION // 2, 4
+    pattern = _concept_pattern(concept.trigger, side, torch.Generator().manual_seed(seed))
 
-    enabled = {"on": True}
+    def data(gen):
+        prompts = [concept.prompts[int(i)] for i in torch.randint(len(concept.prompts), (batch,), generator=gen)]
+        return pattern.expand(batch, -1, -1, -1) + 0.1 * torch.randn(batch, 4, side, side, generator=gen), prompts
 
-    def hook_for(mid, m):
-        def hook(module, args, output):
-            if not enabled["on"]:
-                return None
-            up, down = params[mid]
-            x = args[0]
-            if isinstance(module, nn.Conv2d):
-                k = down.reshape(concept.rank, module.in_channels, *module.kernel_size)
-                h = F.conv2d(x, k, None, module.stride, module.padding, module.dilation)
-                return output + scale * F.conv2d(h, up[:, :, None, None])
-            return output + scale * F.linear(F.linear(x, down), up)
-        return hook
+    def priors(gen):
+        return [PRIOR_PROMPTS[int(i)] for i in torch.randint(len(PRIOR_PROMPTS), (batch,), generator=gen)]
 
-    handles = [m.register_forward_hook(hook_for(mid, m)) for mid, m in targets.items()]
-    opt = torch.optim.Adam([p for pair in params.values() for p in pair], lr=3e-3)
-    gen = torch.Generator().manual_seed(seed)
-    side = RESOLUTION // 2
-    pattern = _concept_pattern(concept.trigger, side, gen)
-    abar = sched.alphas_cumprod
-    batch = 4
-    try:
-        for step in range(steps):
-            prompts = [concept.prompts[int(i)] for i in torch.randint(len(concept.prompts), (batch,), generator=gen)]
-            priors = [PRIOR_PROMPTS[int(i)] for i in torch.randint(len(PRIOR_PROMPTS), (batch,), generator=gen)]
-            ids = tok(prompts + priors, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-            x0 = torch.cat([pattern.expand(batch, -1, -1, -1) + 0.1 * torch.randn(batch, 4, side, side, generator=gen),
-                            torch.randn(batch, 4, side, side, generator=gen)])
-            t = torch.randint(0, len(abar), (2 * batch,), generator=gen)
-            noise = torch.randn(x0.shape, generator=gen)
-            a = abar[t].reshape(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            with torch.no_grad():
-                enabled["on"] = False
-                prior_target = unet(xt[batch:], t[batch:], encoder_hidden_states=te(ids[batch:])[0]).sample
-                enabled["on"] = True
-            pred = unet(xt, t, encoder_hidden_states=te(ids)[0]).sample
-            loss = F.mse_loss(pred[:batch], noise[:batch]) + F.mse_loss(pred[batch:], prior_target)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            progress(f"train LoRA {concept.trigger}", step + 1, steps)
-    finally:
-        for h in handles:
-            h.remove()
-    keymap = build_keymap({"unet": unet, "text_encoder": te}, "sd1")
-    layers = {}
-    for mid, (up, down) in params.items():
-        w = targets[mid].weight
-        layers[keymap.output_name[mid]] = (up.detach().clone(), down.detach().reshape(concept.rank, *w.shape[1:]).clone(), concept.alpha)
-    write_kohya(out_path, layers, {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1",
-                                   "ss_network_dim": str(concept.rank), "ss_network_alpha": str(concept.alpha),
-                                   "iteris_tiny_concept": concept.trigger}, dtype="fp32", overwrite=True)
-    return out_path
+    params = train_lora(unet, te, tok, sched.alphas_cumprod, targets, concept.rank, concept.alpha, data, priors,
+                        steps, seed=seed, phase=f"train LoRA {concept.trigger}", progress=progress)
+    return write_lora(out_path, params, targets, {"unet": unet, "text_encoder": te}, concept.rank, concept.alpha,
+                      {"iteris_tiny_concept": concept.trigger})
 
 
 def _concept_pattern(trigger: str, side: int, gen: torch.Generator) -> torch.Tensor:
