@@ -1,0 +1,206 @@
+"""The trained demo model: a tiny pixel-space SD1-architecture text-to-image model on the
+synthetic shapes of `iteris_sd.shapes`, its four concept LoRAs and the attribute detector.
+
+The weights ship in iteris_sd/assets/shapes32 (built by `scripts/train_demo_model.py`, a
+fixed seed, ~1 hour on 2 CPU cores); `demo_assets()` rebuilds them into the cache only if
+that folder is missing. The model is pixel space by choice: the folder has no vae/, the
+UNet denoises (3, 32, 32) images directly, and a sample is its own picture.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import shapes
+from .progress import ProgressFn, no_progress
+
+ASSETS = Path(__file__).parent / "assets" / "shapes32"
+VERSION = "shapes32-v1"
+RESOLUTION = shapes.SIZE
+BASE_STEPS = 2000
+LORA_STEPS = 300
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    base: Path
+    loras: tuple[Path, ...]  # in shapes.CONCEPTS order
+    detector: Path
+
+
+def demo_assets(progress: ProgressFn = no_progress) -> DemoAssets:
+    """The shipped assets, or (if the package was installed without them) the same built
+    once into $ITERIS_SD_CACHE from the fixed seeds."""
+    folder = ASSETS
+    if not (folder / "train_log.json").is_file():
+        folder = _cache_dir() / VERSION
+        if not (folder / "train_log.json").is_file():
+            build_demo_assets(folder, progress=progress)
+    return DemoAssets(folder / "base", tuple(folder / f"lora_{c.trigger}.safetensors" for c in shapes.CONCEPTS),
+                      folder / "detector.safetensors")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ITERIS_SD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "iteris_sd")
+    return Path(root)
+
+
+def word_tokenizer():
+    """A CLIP BPE tokenizer over bytes whose merges make every caption word one token."""
+    from transformers import CLIPTokenizer
+
+    from .tiny import tiny_tokenizer
+
+    vocab = dict(tiny_tokenizer().get_vocab())
+    merges: list[tuple[str, str]] = []
+    words = shapes.vocabulary()
+    for _ in range(4):  # a word's chain of merges can be cut by another word's; re-chain what is left
+        tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+        split = [w for w in words if len(tok(w).input_ids) != 3]
+        if not split:
+            return tok
+        for w in split:
+            pieces = tok.convert_ids_to_tokens(tok(w).input_ids[1:-1])
+            left = pieces[0]
+            for piece in pieces[1:]:
+                if (left, piece) not in merges:
+                    merges.append((left, piece))
+                left += piece
+                vocab.setdefault(left, len(vocab))
+    raise AssertionError(f"words still split into several tokens: {split}")
+
+
+def new_base_model(seed: int = 0):
+    """(unet, text_encoder, tokenizer, scheduler) with random weights."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok = word_tokenizer()
+    te = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=64, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    blocks = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 96),
+        down_block_types=blocks, up_block_types=tuple(b.replace("Down", "Up") for b in reversed(blocks)),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    return unet, te, tok, sched
+
+
+def save_base(folder: Path, unet, te, tok, sched) -> None:
+    """A diffusers pipeline folder without vae/ (pixel space), weights in fp16."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copy.deepcopy(unet).half().save_pretrained(folder / "unet")  # copies: training may go on in fp32
+    copy.deepcopy(te).half().save_pretrained(folder / "text_encoder")
+    tok.save_pretrained(folder / "tokenizer")
+    sched.save_pretrained(folder / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+             "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+             "vae": [None, None], "safety_checker": [None, None], "feature_extractor": [None, None],
+             "requires_safety_checker": False}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def load_base(folder: Path):
+    """(unet, text_encoder, tokenizer, scheduler) from ``folder``, in float32."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32).eval()
+    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.float32).eval()
+    return (unet, te, AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            DDIMScheduler.from_pretrained(folder, subfolder="scheduler"))
+
+
+def build_demo_assets(folder: Path, base_steps: int = BASE_STEPS, lora_steps: int = LORA_STEPS,
+                      detector_steps: int | None = None, seed: int = 0, progress: ProgressFn = no_progress,
+                      checkpoint_every: int = 0) -> Path:
+    """Train the base model, the concept LoRAs and the detector into ``folder`` (written
+    under a temporary name and renamed when complete)."""
+    from .detect import train_detector
+    from .train import lora_targets, train_base, train_lora, write_lora
+
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    log = {"version": VERSION, "seed": seed, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    unet, te, tok, sched = new_base_model(seed)
+    t0 = time.perf_counter()
+
+    def base_progress(phase, done, total, detail=None):
+        progress(phase, done, total, detail)
+        if checkpoint_every and done % checkpoint_every == 0 and done < total:
+            save_base(tmp / f"base-step{done}", unet, te, tok, sched)
+
+    losses = train_base(unet, te, tok, sched.alphas_cumprod, lambda g: shapes.batch(g, 32, drop_caption=0.1)[:2],
+                        base_steps, seed=seed, progress=base_progress)
+    log["base"] = {"steps": base_steps, "batch": 32, "seconds": round(time.perf_counter() - t0, 1),
+                   "loss_first_100": sum(losses[:100]) / len(losses[:100]), "loss_last_100": sum(losses[-100:]) / len(losses[-100:])}
+    save_base(tmp / "base", unet, te, tok, sched)
+    unet, te, tok, sched = load_base(tmp / "base")  # train the LoRAs on the fp16-rounded base users get
+    log["loras"] = {}
+    for k, concept in enumerate(shapes.CONCEPTS):
+        t0 = time.perf_counter()
+        targets = lora_targets(unet, te, concept.convs)
+        params = train_lora(
+            unet, te, tok, sched.alphas_cumprod, targets, concept.rank, concept.alpha,
+            data=lambda g, c=concept: shapes.batch(g, 8, (c,))[:2],
+            priors=lambda g: shapes.batch(g, 8)[1], steps=lora_steps, seed=seed + 100 + k,
+            phase=f"train LoRA {concept.trigger}", progress=progress)
+        write_lora(tmp / f"lora_{concept.trigger}.safetensors", params, targets, {"unet": unet, "text_encoder": te},
+                   concept.rank, concept.alpha, {"iteris_demo_concept": concept.trigger}, dtype="fp16")
+        log["loras"][concept.trigger] = {"steps": lora_steps, "rank": concept.rank, "alpha": concept.alpha,
+                                         "convs": concept.convs, "seconds": round(time.perf_counter() - t0, 1)}
+    t0 = time.perf_counter()
+    train_detector(tmp / "detector.safetensors", seed=seed, progress=progress,
+                   **({"steps": detector_steps} if detector_steps else {}))
+    log["detector"] = {"seconds": round(time.perf_counter() - t0, 1)}
+    (tmp / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def check_assets(assets: DemoAssets, n_prompts: int = 24, seed: int = 5) -> dict:
+    """What the model and LoRAs draw, read by the detector (12 DDIM steps, CFG 4, 2 seeds per
+    prompt): the base model's accuracy on the colour, shape and position its prompts ask for,
+    and, per concept, how often it appears with its LoRA and without it on the benchmark's
+    held-out prompts."""
+    from dataclasses import replace
+
+    from .bench import EVALUATION, problem
+    from .detect import concept_present, load_detector, read_attributes
+    from .diffusers_backend import load_backend
+    from .formats import read_lora
+    from .pipeline import concept_deltas
+
+    detector = load_detector(assets.detector)
+    backend = load_backend(str(assets.base), [["a"]], replace(EVALUATION, seeds=2), device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    scenes = [shapes.random_scene(gen) for _ in range(n_prompts)]
+    found = read_attributes(detector, backend.sample([shapes.caption(s) for s in scenes], seed, {}))
+    asked = [s for s in scenes for _ in range(2)]
+    out = {"base": {k: sum(f[k] == getattr(s, k) for f, s in zip(found, asked)) / len(found)
+                    for k in ("colour", "shape", "position")}, "loras": {}}
+    held_out = problem(len(shapes.CONCEPTS)).held_out
+    for k, concept in enumerate(shapes.CONCEPTS):
+        deltas = concept_deltas(backend, [read_lora(assets.loras[k])])[0]
+        shown = {}
+        for name, d in (("with LoRA", deltas), ("base", {})):
+            found = read_attributes(detector, backend.sample(held_out[k], seed + 6, d))
+            shown[name] = sum(concept_present(f, concept) for f in found) / len(found)
+        out["loras"][concept.trigger] = shown
+    return out

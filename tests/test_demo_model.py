@@ -1,0 +1,69 @@
+"""The shipped demo model, its concept LoRAs and the detector (iteris_sd/assets/shapes32),
+and the training code that makes them."""
+
+import json
+
+import pytest
+
+from iteris_sd import shapes
+from iteris_sd.demo_model import ASSETS, build_demo_assets, check_assets, demo_assets
+from iteris_sd.detect import accuracy, load_detector
+from iteris_sd.diffusers_backend import load_backend
+from iteris_sd.formats import read_lora
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def assets():
+    return demo_assets()
+
+
+@pytest.fixture(scope="module")
+def checked(assets):
+    return check_assets(assets)
+
+
+@pytest.fixture(scope="module")
+def detector(assets):
+    return load_detector(assets.detector)
+
+
+def test_training_writes_a_complete_asset_folder_whose_loras_match_the_model(tmp_path):
+    folder = build_demo_assets(tmp_path / "assets", base_steps=2, lora_steps=2, detector_steps=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["assets"]  # no .partial left behind
+    log = json.loads((folder / "train_log.json").read_text())
+    assert log["base"]["steps"] == 2 and set(log["loras"]) == {c.trigger for c in shapes.CONCEPTS}
+    backend = load_backend(str(folder / "base"), [["a sks"]], device="cpu")
+    assert backend.vae_scale_factor == 1 and backend.unet.config.in_channels == 3  # pixel space
+    for concept in shapes.CONCEPTS:
+        lora = read_lora(folder / f"lora_{concept.trigger}.safetensors")
+        matched = backend.match(lora)  # raises on any key that maps to no module
+        assert len(matched) == len(lora.layers)
+        assert {layer.rank for layer in lora.layers.values()} == {concept.rank}
+        assert any(m.startswith("text_encoder.") for m in matched)
+        convs_3x3 = [n for n, layer in lora.layers.items() if layer.down.dim() == 4 and layer.down.shape[-1] == 3]
+        assert bool(convs_3x3) == concept.convs
+
+
+def test_shipped_assets_are_complete_and_small():
+    files = [p for p in ASSETS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+    log = json.loads((ASSETS / "train_log.json").read_text())
+    assert log["base"]["seconds"] > 0 and all(v["seconds"] > 0 for v in log["loras"].values())
+
+
+def test_detector_reads_clean_renders(detector):
+    for attribute, acc in accuracy(detector).items():
+        assert acc >= 0.97, (attribute, acc)
+
+
+def test_base_model_draws_the_asked_colour(checked):
+    # Shape and position words are followed only at chance level (see the README); colour is.
+    assert checked["base"]["colour"] >= 0.9, checked["base"]
+
+
+@pytest.mark.parametrize("trigger", [c.trigger for c in shapes.CONCEPTS])
+def test_each_lora_draws_its_concept_on_held_out_prompts_and_the_base_does_not(trigger, checked):
+    shown = checked["loras"][trigger]
+    assert shown["with LoRA"] >= 0.4 and shown["base"] <= 0.125, shown
