@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import sys
 import textwrap
+from pathlib import Path
 
 from .recipe import EXAMPLE_RECIPE, REQUIRED, recipe_fields
 
@@ -72,11 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         default = "required in the recipe" if f.default is REQUIRED else f"recipe default {f.default!r}"
         merge.add_argument(f"--{f.name}", dest=f"override:{f.name}", metavar=f.type.upper().replace(" ", ""),
                            help=f"{f.help} ({default})")
-    demo = sub.add_parser("demo", help="merge concept LoRAs on the embedded tiny model (no download)")
+    demo = sub.add_parser("demo", help="merge concept LoRAs of the embedded demo model, compare every method, "
+                                       "draw a picture grid (no download)")
     demo.add_argument("--loras", type=int, default=2, choices=(2, 3, 4), help="how many concept LoRAs (default 2)")
     demo.add_argument("--iterations", type=int, default=5, help="IterIS iterations (default 5)")
-    demo.add_argument("--out", default="out/demo", help="folder for the merged LoRA and the report (default out/demo)")
-    bench = sub.add_parser("bench", help="demo with 2 and 4 LoRAs, each in its own process; writes bench.md")
+    demo.add_argument("--out", default="out/demo", help="folder for the merged LoRA, grid and report (default out/demo)")
+    bench = sub.add_parser("bench", help="every method with 2, 3 and 4 LoRAs on held-out prompts and seeds, and "
+                                         "curves against iterations and prompts; writes bench.json and bench.md")
+    bench.add_argument("--loras", default="2,3,4", help="LoRA counts (default 2,3,4)")
     bench.add_argument("--iterations", type=int, default=5, help="IterIS iterations (default 5)")
     bench.add_argument("--out", default="out/bench", help="output folder (default out/bench)")
     scale = sub.add_parser("scale", help="time and peak memory of IterIS against LoRAs, prompts and model size; "
@@ -108,20 +112,17 @@ def main(argv: list[str] | None = None) -> int:
                         args.memory_budget, args.out, args.threads, args.full_grid))
         return 0
     if args.command == "bench":
-        from .demo import run_bench
+        from .bench import run_bench
 
-        print(run_bench((2, 4), args.iterations, args.out))
+        print(run_bench([int(v) for v in args.loras.split(",")], args.iterations, args.out))
         return 0
     _quiet_library_output()
     progress = TqdmProgress()
     try:
         with _one_line_warnings():
-            if args.command == "merge":
-                report = _merge(args, progress)
-            else:
-                from .demo import run_demo
-
-                report = run_demo(args.loras, args.iterations, args.out, progress)
+            if args.command == "demo":
+                return _demo(args, progress)
+            report = _merge(args, progress)
     except KeyboardInterrupt:
         progress.close()
         print("iteris-sd: interrupted; nothing was written", file=sys.stderr)
@@ -189,6 +190,20 @@ def _quiet_library_output() -> None:
         lib.disable_progress_bar()
         lib.set_verbosity_error()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _demo(args, progress) -> int:
+    from .bench import markdown
+    from .demo import run_demo
+
+    m = run_demo(args.loras, args.iterations, args.out, progress)
+    progress.close()
+    print(markdown(m.result))
+    print(f"IterIS kept iteration {m.report.chosen_iteration}; merging with every method took "
+          f"{m.result['merge_seconds']:.1f} s, peak memory {m.result['peak_memory_bytes'] / 2**20:.0f} MiB")
+    for name in ("merged.safetensors", "grid.png", "report.md", "report.json"):
+        print(f"wrote {Path(args.out) / name}")
+    return 0
 
 
 def _merge(args, progress):
