@@ -67,3 +67,18 @@ def test_base_model_draws_the_asked_colour(checked):
 def test_each_lora_draws_its_concept_on_held_out_prompts_and_the_base_does_not(trigger, checked):
     shown = checked["loras"][trigger]
     assert shown["with LoRA"] >= 0.4 and shown["base"] <= 0.125, shown
+
+
+def test_input_overlap_script_prints_the_table_the_readme_quotes():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "input_overlap.py")], capture_output=True,
+                         text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "count" not in line]
+    assert len(rows) == 6
+    readme = (root / "README.md").read_text()
+    for row in rows:
+        assert f"  {row}" in readme, row
