@@ -143,7 +143,7 @@ def build_demo_assets(folder: Path, base_steps: int = BASE_STEPS, lora_steps: in
     def base_progress(phase, done, total, detail=None):
         progress(phase, done, total, detail)
         if checkpoint_every and done % checkpoint_every == 0 and done < total:
-            save_base(tmp / f"base-step{done}", unet, te, tok, sched)
+            save_base(folder.with_name(f"{folder.name}-checkpoints") / f"base-step{done}", unet, te, tok, sched)
 
     losses = train_base(unet, te, tok, sched.alphas_cumprod, lambda g: shapes.batch(g, 32, drop_caption=0.1)[:2],
                         base_steps, seed=seed, progress=base_progress)

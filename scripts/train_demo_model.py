@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, default=BASE_STEPS)
     parser.add_argument("--lora-steps", type=int, default=LORA_STEPS)
     parser.add_argument("--detector-steps", type=int, default=None)
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="also save the base every N steps")
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="also save the base every N steps, into OUT-checkpoints/")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", action="store_true", help="only measure the shipped assets (see check_assets)")
     args = parser.parse_args()
