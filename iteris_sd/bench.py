@@ -100,6 +100,11 @@ def combined_presence(ev: DiffusersBackend, detector, prob: Problem, deltas: Del
     return {"combined": each, "combined_all": every}
 
 
+def references_by_name(prob: Problem, references: list[Deltas]) -> dict[str, Deltas]:
+    """The reference models of the tables and the grid: the base, then each LoRA alone."""
+    return {"base": {}, **{f"{c} alone": d for c, d in zip(prob.names, references)}}
+
+
 @dataclass
 class Measured:
     result: dict  # what bench.json holds for one LoRA count
@@ -124,7 +129,7 @@ def measure(n_loras: int, iterations: int = 5, n_prompts: int = 3, progress: Pro
     report = merge_loras(backend, loras, methods, MergeOptions(iterations=iterations, memory_budget=None), progress)
     merge_seconds = time.perf_counter() - t0
     candidates = {n: r.deltas for n, r in report.results.items()}
-    reference_rows = {"base": {}, **{f"{c} alone": d for c, d in zip(prob.names, report.references)}}
+    reference_rows = references_by_name(prob, report.references)
     scores = evaluate(backend, load_detector(assets.detector), prob, report.references,
                       {**reference_rows, **candidates}, progress)
     result = {

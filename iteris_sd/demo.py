@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import EVAL_SEED, EVALUATION, Measured, evaluation_backend, markdown, measure
+from .bench import EVAL_SEED, EVALUATION, Measured, evaluation_backend, markdown, measure, references_by_name
 from .pipeline import write_merged
 from .progress import ProgressFn, no_progress
 
@@ -46,7 +46,7 @@ def draw_grid(m: Measured, path: Path, progress: ProgressFn = no_progress) -> Pa
 
     ev = evaluation_backend(m.backend, replace(EVALUATION, seeds=1))
     prompts = grid_rows(m)
-    columns = {"base": {}, **{f"{c} alone": d for c, d in zip(m.problem.names, m.report.references)},
+    columns = {**references_by_name(m.problem, m.report.references),
                **{name: m.report.results[name].deltas for name in GRID_METHODS}}
     pictures = []
     for k, deltas in enumerate(columns.values()):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -41,16 +40,13 @@ def demo_assets(progress: ProgressFn = no_progress) -> DemoAssets:
     once into $ITERIS_SD_CACHE from the fixed seeds."""
     folder = ASSETS
     if not (folder / "train_log.json").is_file():
-        folder = _cache_dir() / VERSION
+        from .tiny import cache_root
+
+        folder = cache_root() / VERSION
         if not (folder / "train_log.json").is_file():
             build_demo_assets(folder, progress=progress)
     return DemoAssets(folder / "base", tuple(folder / f"lora_{c.trigger}.safetensors" for c in shapes.CONCEPTS),
                       folder / "detector.safetensors")
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("ITERIS_SD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "iteris_sd")
-    return Path(root)
 
 
 def word_tokenizer():
@@ -114,24 +110,13 @@ def save_base(folder: Path, unet, te, tok, sched) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def load_base(folder: Path):
-    """(unet, text_encoder, tokenizer, scheduler) from ``folder``, in float32."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
-
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32).eval()
-    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.float32).eval()
-    return (unet, te, AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-            DDIMScheduler.from_pretrained(folder, subfolder="scheduler"))
-
-
 def build_demo_assets(folder: Path, base_steps: int = BASE_STEPS, lora_steps: int = LORA_STEPS,
                       detector_steps: int | None = None, seed: int = 0, progress: ProgressFn = no_progress,
                       checkpoint_every: int = 0) -> Path:
     """Train the base model, the concept LoRAs and the detector into ``folder`` (written
     under a temporary name and renamed when complete)."""
     from .detect import train_detector
-    from .train import lora_targets, train_base, train_lora, write_lora
+    from .train import load_parts, lora_targets, train_base, train_lora, write_lora
 
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -150,7 +135,7 @@ def build_demo_assets(folder: Path, base_steps: int = BASE_STEPS, lora_steps: in
     log["base"] = {"steps": base_steps, "batch": 32, "seconds": round(time.perf_counter() - t0, 1),
                    "loss_first_100": sum(losses[:100]) / len(losses[:100]), "loss_last_100": sum(losses[-100:]) / len(losses[-100:])}
     save_base(tmp / "base", unet, te, tok, sched)
-    unet, te, tok, sched = load_base(tmp / "base")  # train the LoRAs on the fp16-rounded base users get
+    unet, te, tok, sched = load_parts(tmp / "base")  # train the LoRAs on the fp16-rounded base users get
     log["loras"] = {}
     for k, concept in enumerate(shapes.CONCEPTS):
         t0 = time.perf_counter()

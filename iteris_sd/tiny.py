@@ -47,9 +47,13 @@ PRIOR_PROMPTS = ("a photo of a dog", "a house", "a tree in the garden", "a table
                  "a toy on the floor", "a wall", "a cup", "a painting of a cat", "at night")
 
 
+def cache_root() -> Path:
+    """$ITERIS_SD_CACHE, default ~/.cache/iteris_sd: where built models are kept."""
+    return Path(os.environ.get("ITERIS_SD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "iteris_sd"))
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("ITERIS_SD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "iteris_sd")
-    return Path(root) / TINY_VERSION
+    return cache_root() / TINY_VERSION
 
 
 def ensure_tiny_assets(n_loras: int = 2, progress: ProgressFn = no_progress) -> tuple[Path, list[Path]]:
@@ -117,15 +121,9 @@ def build_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
 def train_concept_lora(base: Path, concept: TinyConcept, out_path: Path, steps: int = 200, seed: int = 0,
                        progress: ProgressFn = no_progress) -> Path:
     """Train one concept LoRA on the tiny model and write it as a kohya file."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from .train import load_parts, lora_targets, train_lora, write_lora
 
-    from .train import lora_targets, train_lora, write_lora
-
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
-    tok = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
-    sched = DDIMScheduler.from_pretrained(base, subfolder="scheduler")
+    unet, te, tok, sched = load_parts(base)
     targets = lora_targets(unet, te, concept.convs)
     side, batch = RESOLUTION // 2, 4
     pattern = _concept_pattern(concept.trigger, side, torch.Generator().manual_seed(seed))

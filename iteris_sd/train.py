@@ -66,6 +66,17 @@ def train_base(unet: nn.Module, text_encoder: nn.Module, tokenizer, alphas_cumpr
     return losses
 
 
+def load_parts(folder: Path):
+    """(unet, text_encoder, tokenizer, DDIM scheduler) of an SD1-style diffusers folder, float32."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32).eval()
+    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.float32).eval()
+    return (unet, te, AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            DDIMScheduler.from_pretrained(folder, subfolder="scheduler"))
+
+
 def lora_targets(unet: nn.Module, text_encoder: nn.Module, convs: bool) -> dict[str, nn.Module]:
     """Module id -> module: UNet attention, feed-forward and proj_in/out, optionally resnet
     convs, and the text encoder's attention projections (what kohya's trainer targets)."""

@@ -66,7 +66,8 @@ def test_base_model_draws_the_asked_colour(checked):
 @pytest.mark.parametrize("trigger", [c.trigger for c in shapes.CONCEPTS])
 def test_each_lora_draws_its_concept_on_held_out_prompts_and_the_base_does_not(trigger, checked):
     shown = checked["loras"][trigger]
-    assert shown["with LoRA"] >= 0.4 and shown["base"] <= 0.125, shown
+    # 8 pictures per concept; measured: sks 0.50, zwx 1.00, qpr 0.88, vbn 1.00, base 0 for all
+    assert shown["with LoRA"] >= 0.5 and shown["base"] == 0, shown
 
 
 def test_input_overlap_script_prints_the_table_the_readme_quotes():
