@@ -43,7 +43,7 @@ class MergeOptions:
 
     iterations: int = 5
     damping: float = 0.5
-    regularization: float = 1e-2
+    regularization: float = IterISConfig.regularization
     rank: int | None = None
     density: float = 0.5
     seed: int = 0

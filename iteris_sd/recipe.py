@@ -143,7 +143,7 @@ class Recipe:
     damping: float = _f("Damping of each iteration, in (0, 1]; 1 = the paper's undamped "
                         "iteration.", 0.5, gt=0.0, le=1.0)
     regularization: float = _f("Ridge on the feature Gram matrices, relative to their "
-                               "Frobenius norm (>= 0; the paper's a1 = a2).", 1e-2, ge=0.0)
+                               "Frobenius norm (>= 0; the paper's a1 = a2).", 1e-3, ge=0.0)
     adaptive_weights: bool = _f("IterIS's adaptive weights c_i = ||W0 + dW_i||^2 / "
                                 "||X_i (W0 + dW_i)^T||^2 per layer and LoRA (true, as in the paper) "
                                 "or equal weights (false).", True)
@@ -650,7 +650,7 @@ method = "iteris"         # iteris, regmean, stack, linear, concat, svd, ties, d
 iterations = 5            # IterIS iterations (>= 0)
 # rank = 64               # output rank (>= 1); default: the sum of the input ranks
 damping = 0.5             # in (0, 1]; 1 = the paper's undamped iteration
-regularization = 0.01     # ridge on the Gram matrices, relative to their Frobenius norm
+regularization = 0.001    # ridge on the Gram matrices, relative to their Frobenius norm
 adaptive_weights = true   # the paper's per-layer, per-LoRA weights; false = equal weights
 density = 0.5             # fraction kept by ties and dare, in (0, 1]
 compare = ["linear", "regmean"]  # other methods scored in the same run for the report

@@ -110,7 +110,7 @@ class MergeNode(io.ComfyNode):
                                 tooltip="Negative prompt of the calibration trajectories (the unconditional branch)."),
                 io.Float.Input("damping", default=0.5, min=0.05, max=1.0, step=0.05, optional=True,
                                tooltip="IterIS step size; 1 is the paper's undamped iteration, which oscillates on diffusion models."),
-                io.Float.Input("regularization", default=0.01, min=0.0, max=10.0, step=0.001, optional=True,
+                io.Float.Input("regularization", default=MergeOptions.regularization, min=0.0, max=10.0, step=0.001, optional=True,
                                tooltip="Ridge strength, relative to each layer's input energy."),
                 io.String.Input("memory_budget", default="auto", optional=True,
                                 tooltip="Memory for the merge's statistics: 'auto' (free device memory less a margin) or a size such as 6GB."),
@@ -127,7 +127,7 @@ class MergeNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, loras, method, iterations, rank, sampler, scheduler, steps, timesteps, resolution,
-                cfg, calibration_seed, negative_prompt="", damping=0.5, regularization=0.01, memory_budget="auto") -> io.NodeOutput:
+                cfg, calibration_seed, negative_prompt="", damping=0.5, regularization=MergeOptions.regularization, memory_budget="auto") -> io.NodeOutput:
         if not loras:
             raise ValueError("connect at least one IterIS LoRA node")
         settings = ComfyCalibration(sampler, scheduler, steps, timesteps, resolution, cfg, negative_prompt, calibration_seed)

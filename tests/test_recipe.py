@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from iteris_sd.iterate import IterISConfig
+from iteris_sd.pipeline import MergeOptions
 from iteris_sd.recipe import (
     EXAMPLE_RECIPE,
     REQUIRED,
@@ -65,7 +67,7 @@ def test_minimal_recipe_gets_defaults(files):
     r = parse_recipe(minimal(files))
     assert r.method == "iteris" and r.iterations == 5 and r.rank is None
     assert r.dtype == "fp16" and r.device == "auto" and r.seed == 0 and not r.overwrite
-    assert r.damping == 0.5 and r.regularization == 1e-2 and r.density == 0.5
+    assert r.damping == 0.5 and r.regularization == 1e-3 == IterISConfig().regularization == MergeOptions().regularization and r.density == 0.5
     assert r.compare == [] and r.base_config is None
     assert r.calibration == CalibrationSpec()
     c = r.calibration
