@@ -161,9 +161,9 @@ def build_demo_assets(folder: Path, base_steps: int = BASE_STEPS, lora_steps: in
 
 def check_assets(assets: DemoAssets, n_prompts: int = 24, seed: int = 5) -> dict:
     """What the model and LoRAs draw, read by the detector (12 DDIM steps, CFG 4, 2 seeds per
-    prompt): the base model's accuracy on the colour, shape and position its prompts ask for,
-    and, per concept, how often it appears with its LoRA and without it on the benchmark's
-    held-out prompts."""
+    prompt): the base model's accuracy on the colour, shape, position and background its
+    prompts ask for, and, per concept, how often it appears with its LoRA and without it on
+    the benchmark's held-out prompts."""
     from dataclasses import replace
 
     from .bench import EVALUATION, problem
@@ -179,7 +179,7 @@ def check_assets(assets: DemoAssets, n_prompts: int = 24, seed: int = 5) -> dict
     found = read_attributes(detector, backend.sample([shapes.caption(s) for s in scenes], seed, {}))
     asked = [s for s in scenes for _ in range(2)]
     out = {"base": {k: sum(f[k] == getattr(s, k) for f, s in zip(found, asked)) / len(found)
-                    for k in ("colour", "shape", "position")}, "loras": {}}
+                    for k in ("colour", "shape", "position", "background")}, "loras": {}}
     held_out = problem(len(shapes.CONCEPTS)).held_out
     for k, concept in enumerate(shapes.CONCEPTS):
         deltas = concept_deltas(backend, [read_lora(assets.loras[k])])[0]

@@ -1,6 +1,7 @@
 """The concept-presence check of the benchmark: a small CNN that reads a (3, 32, 32) picture
 of `iteris_sd.shapes` and names its shape, colour, position, and whether it is striped
-(zwx) and on a checkerboard (qpr).
+(zwx) and on a checkerboard (qpr). The plain background (white, gray, black) is read from
+the picture's border pixels, with no network.
 
 It is trained only on rendered pictures (never on model samples), with blur, noise and
 contrast changes so that it also reads the slightly soft pictures a diffusion model draws.
@@ -93,10 +94,20 @@ def load_detector(path: Path) -> Detector:
 
 @torch.no_grad()
 def read_attributes(detector: Detector, images: Tensor) -> list[dict[str, object]]:
-    """Per image, the most likely value of each attribute."""
+    """Per image, the most likely value of each attribute, and the plain background."""
     logits = detector(images.clamp(-1, 1))
     best = {k: v.argmax(1).tolist() for k, v in logits.items()}
-    return [{k: HEADS[k][best[k][i]] for k in HEADS} for i in range(images.shape[0])]
+    return [{**{k: HEADS[k][best[k][i]] for k in HEADS}, "background": background(images[i])}
+            for i in range(images.shape[0])]
+
+
+def background(image: Tensor) -> str:
+    """The plain background nearest to the median colour of the (3, h, w) picture's 2-pixel
+    border (a shape covers only a few of those pixels)."""
+    border = torch.cat([image[:, :2].flatten(1), image[:, -2:].flatten(1),
+                        image[:, 2:-2, :2].flatten(1), image[:, 2:-2, -2:].flatten(1)], dim=1)
+    rgb = (border.median(dim=1).values.clamp(-1, 1) + 1) / 2
+    return min(shapes.BACKGROUNDS, key=lambda k: float(((torch.tensor(shapes.BACKGROUNDS[k]) - rgb) ** 2).sum()))
 
 
 def concept_present(attributes: dict[str, object], concept: shapes.Concept) -> bool:

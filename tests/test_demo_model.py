@@ -59,7 +59,7 @@ def test_detector_reads_clean_renders(detector):
 
 
 def test_base_model_draws_the_asked_colour(checked):
-    # Shape and position words are followed only at chance level (see the README); colour is.
+    # Shape, position and background words are followed only at chance level (see the README); colour is.
     assert checked["base"]["colour"] >= 0.9, checked["base"]
 
 

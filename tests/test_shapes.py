@@ -92,3 +92,14 @@ def test_word_tokenizer_makes_every_caption_word_one_token(tmp_path):
 
     assert AutoTokenizer.from_pretrained(tmp_path)(text).input_ids == tok(text).input_ids
     assert tok("a purple hexagon").input_ids[1:-1]  # an unknown word still tokenizes (by bytes)
+
+
+def test_background_is_read_from_the_border_wherever_the_shape_is():
+    from iteris_sd.detect import background
+
+    gen = torch.Generator().manual_seed(0)
+    for bg in shapes.BACKGROUNDS:
+        for position in shapes.POSITIONS:
+            for shape in shapes.BASE_SHAPES:
+                scene = shapes.Scene(shape, "yellow", position, bg)
+                assert background(shapes.render(scene, gen)) == bg, scene
