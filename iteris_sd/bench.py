@@ -144,20 +144,32 @@ def measure(n_loras: int, iterations: int = 5, n_prompts: int = 3, progress: Pro
     return Measured(result, report, backend, prob, loras)
 
 
+def calibrated(n_loras: int, assets=None, progress: ProgressFn = no_progress):
+    """(problem, backend, per-LoRA deltas, CalibrationStats with the references captured) for
+    the first n concept LoRAs of ``assets`` (default: the demo model): what IterIS variants
+    start from."""
+    from .demo_model import demo_assets
+    from .iterate import CalibrationStats
+    from .pipeline import concept_deltas
+
+    assets = assets or demo_assets(progress)
+    prob = problem(n_loras)
+    backend = demo_backend(assets, prob.calibration)
+    refs = concept_deltas(backend, [read_lora(p) for p in assets.loras[:n_loras]])
+    cal = CalibrationStats(backend, refs)
+    cal.capture_references(backend, progress)
+    return prob, backend, refs, cal
+
+
 def run_curves(max_iterations: int = 10, prompt_counts=(1, 3, 5), progress: ProgressFn = no_progress) -> dict:
     """Held-out noise error of 2 merged LoRAs against IterIS iterations (every iterate,
     not only the kept one) and against calibration prompts per LoRA (IterIS and RegMean)."""
     from .demo_model import demo_assets
-    from .iterate import CalibrationStats, IterISConfig, run_iteris
-    from .pipeline import concept_deltas
+    from .iterate import IterISConfig, run_iteris
 
     assets = demo_assets(progress)
-    prob = problem(2)
+    prob, backend, refs, cal = calibrated(2, assets, progress)
     loras = [read_lora(p) for p in assets.loras[:2]]
-    backend = demo_backend(assets, prob.calibration)
-    refs = concept_deltas(backend, loras)
-    cal = CalibrationStats(backend, refs)
-    cal.capture_references(backend, progress)
     outcome = run_iteris(backend, cal, IterISConfig(max_iterations, keep_best=False, keep_iterates=True), progress)
     iterates = {str(t): d for t, d in enumerate(outcome.iterates)}
     ev = evaluation_backend(backend)

@@ -13,22 +13,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iteris_sd.bench import EVAL_SEED, demo_backend, evaluation_backend, problem  # noqa: E402
-from iteris_sd.demo_model import demo_assets  # noqa: E402
-from iteris_sd.formats import read_lora  # noqa: E402
-from iteris_sd.iterate import CalibrationStats, IterISConfig, run_iteris  # noqa: E402
-from iteris_sd.pipeline import concept_deltas, noise_errors  # noqa: E402
+from iteris_sd.bench import EVAL_SEED, calibrated, evaluation_backend  # noqa: E402
+from iteris_sd.iterate import IterISConfig, run_iteris  # noqa: E402
+from iteris_sd.pipeline import noise_errors  # noqa: E402
 from iteris_sd.progress import no_progress  # noqa: E402
 
 
 def sweep(n_loras: int, values: list[float]) -> dict[str, list[float]]:
     """Method label -> held-out noise error per concept."""
-    assets = demo_assets()
-    prob = problem(n_loras)
-    backend = demo_backend(assets, prob.calibration)
-    refs = concept_deltas(backend, [read_lora(p) for p in assets.loras[:n_loras]])
-    cal = CalibrationStats(backend, refs)
-    cal.capture_references(backend, no_progress)
+    prob, backend, refs, cal = calibrated(n_loras)
     candidates = {"regmean": cal.regmean(backend)}
     for a in values:
         candidates[f"iteris, a = {a:g}"] = run_iteris(backend, cal, IterISConfig(regularization=a), no_progress).deltas
