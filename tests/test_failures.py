@@ -788,7 +788,7 @@ def _subprocess_env(hash_seed: str = "0") -> dict:
 def test_sigint_to_the_cli_process_exits_130_and_writes_nothing(tmp_path, base, keymap):
     lora = lora_file(tmp_path / "a.safetensors", keymap, [K, Q, CONV])
     out = tmp_path / "o.safetensors"
-    recipe = write_recipe(tmp_path, base, [(lora, ["a photo"])], out, "iterations = 200", steps=400)
+    recipe = write_recipe(tmp_path, base, [(lora, ["a photo"])], out, "iterations = 5000", steps=400)  # minutes of work: SIGINT always lands mid-merge
     proc = subprocess.Popen([sys.executable, "-m", "iteris_sd", "merge", str(recipe)], cwd=tmp_path,
                             env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = b""
