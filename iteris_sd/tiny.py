@@ -135,7 +135,7 @@ def train_concept_lora(base: Path, concept: TinyConcept, out_path: Path, steps: 
     def priors(gen):
         return [PRIOR_PROMPTS[int(i)] for i in torch.randint(len(PRIOR_PROMPTS), (batch,), generator=gen)]
 
-    params = train_lora(unet, te, tok, sched.alphas_cumprod, targets, concept.rank, concept.alpha, data, priors,
+    params = train_lora(unet, te, tok, sched, targets, concept.rank, concept.alpha, data, priors,
                         steps, seed=seed, phase=f"train LoRA {concept.trigger}", progress=progress)
     return write_lora(out_path, params, targets, {"unet": unet, "text_encoder": te}, concept.rank, concept.alpha,
                       {"iteris_tiny_concept": concept.trigger})

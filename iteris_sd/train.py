@@ -1,7 +1,9 @@
 """Training loops for the project's own models: a text-to-image base and kohya LoRAs on it.
 
-Both minimise the usual epsilon-prediction diffusion loss
-    E_{x0, t, eps} || eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, text) - eps ||^2.
+Both minimise the usual diffusion loss
+    E_{x0, t, eps} || f_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, text) - target ||^2,
+where the target is eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 when the scheduler's
+prediction_type is "v_prediction".
 A LoRA adds scale * up @ down to each target layer (through forward hooks, so the base
 weights never change) and, for prior preservation, also matches the frozen base model on
 prompts without its trigger word.
@@ -23,12 +25,20 @@ DataFn = Callable[[torch.Generator], tuple[Tensor, list[str]]]
 PromptFn = Callable[[torch.Generator], list[str]]
 
 
-def noised(x0: Tensor, alphas_cumprod: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """(x_t, t, eps) for random timesteps: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
-    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=gen)
+def noised(x0: Tensor, scheduler, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_t, t, target) for random timesteps: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
+    target eps or v as the scheduler's prediction_type says."""
+    abar = scheduler.alphas_cumprod
+    t = torch.randint(0, len(abar), (x0.shape[0],), generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
-    a = alphas_cumprod[t].reshape(-1, 1, 1, 1)
-    return a.sqrt() * x0 + (1 - a).sqrt() * eps, t, eps
+    a = abar[t].reshape(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return xt, t, eps
+    if kind == "v_prediction":
+        return xt, t, a.sqrt() * eps - (1 - a).sqrt() * x0
+    raise ValueError(f"training supports epsilon and v_prediction schedulers, not prediction_type={kind!r}")
 
 
 def encode(text_encoder: nn.Module, tokenizer, prompts: list[str]) -> Tensor:
@@ -37,8 +47,9 @@ def encode(text_encoder: nn.Module, tokenizer, prompts: list[str]) -> Tensor:
     return text_encoder(ids)[0]
 
 
-def train_base(unet: nn.Module, text_encoder: nn.Module, tokenizer, alphas_cumprod: Tensor, data: DataFn,
-               steps: int, lr: float = 2e-3, seed: int = 0, progress: ProgressFn = no_progress) -> list[float]:
+def train_base(unet: nn.Module, text_encoder: nn.Module, tokenizer, scheduler, data: DataFn,
+               steps: int, lr: float = 2e-3, seed: int = 0, phase: str = "train base model",
+               progress: ProgressFn = no_progress) -> list[float]:
     """Train the UNet and text encoder together (AdamW, warm-up then cosine decay); returns
     the loss of every step."""
     gen = torch.Generator().manual_seed(seed)
@@ -46,21 +57,21 @@ def train_base(unet: nn.Module, text_encoder: nn.Module, tokenizer, alphas_cumpr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + torch.cos(torch.tensor(torch.pi * s / steps)).item()))
+        1 + torch.cos(torch.tensor(torch.pi * s / max(steps, 1))).item()))
     unet.train()
     text_encoder.train()
     losses = []
     for step in range(steps):
         x0, prompts = data(gen)
-        xt, t, eps = noised(x0, alphas_cumprod, gen)
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=encode(text_encoder, tokenizer, prompts)).sample, eps)
+        xt, t, target = noised(x0, scheduler, gen)
+        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=encode(text_encoder, tokenizer, prompts)).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        progress("train base model", step + 1, steps, {"loss": losses[-1]})
+        progress(phase, step + 1, steps, {"loss": losses[-1]})
     unet.eval()
     text_encoder.eval()
     return losses
@@ -93,7 +104,7 @@ def lora_targets(unet: nn.Module, text_encoder: nn.Module, convs: bool) -> dict[
     return out
 
 
-def train_lora(unet: nn.Module, text_encoder: nn.Module, tokenizer, alphas_cumprod: Tensor,
+def train_lora(unet: nn.Module, text_encoder: nn.Module, tokenizer, scheduler,
                targets: dict[str, nn.Module], rank: int, alpha: float, data: DataFn, priors: PromptFn,
                steps: int, lr: float = 3e-3, seed: int = 0, phase: str = "train LoRA",
                progress: ProgressFn = no_progress) -> dict[str, tuple[Tensor, Tensor]]:
@@ -132,13 +143,13 @@ def train_lora(unet: nn.Module, text_encoder: nn.Module, tokenizer, alphas_cumpr
             prior_prompts = priors(gen)
             b = x0.shape[0]
             prior_x0 = torch.randn((len(prior_prompts), *x0.shape[1:]), generator=gen)
-            xt, t, eps = noised(torch.cat([x0, prior_x0]), alphas_cumprod, gen)
+            xt, t, target = noised(torch.cat([x0, prior_x0]), scheduler, gen)
             with torch.no_grad():
                 enabled[0] = False
                 prior_target = unet(xt[b:], t[b:], encoder_hidden_states=encode(text_encoder, tokenizer, prior_prompts)).sample
                 enabled[0] = True
             pred = unet(xt, t, encoder_hidden_states=encode(text_encoder, tokenizer, prompts + prior_prompts)).sample
-            loss = F.mse_loss(pred[:b], eps[:b]) + F.mse_loss(pred[b:], prior_target)
+            loss = F.mse_loss(pred[:b], target[:b]) + F.mse_loss(pred[b:], prior_target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

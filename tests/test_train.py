@@ -1,0 +1,35 @@
+"""The training target of iteris_sd.train for epsilon- and v-prediction schedulers."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from iteris_sd.train import noised
+
+
+def _scheduler(**kw):
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **kw)
+
+
+def test_epsilon_target_is_the_noise_that_made_x_t():
+    x0 = torch.rand(6, 3, 4, 4) * 2 - 1
+    sched = _scheduler()
+    xt, t, target = noised(x0, sched, torch.Generator().manual_seed(0))
+    a = sched.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    assert torch.allclose(xt, a.sqrt() * x0 + (1 - a).sqrt() * target, atol=1e-6)
+
+
+def test_v_target_recovers_the_clean_picture_and_matches_diffusers():
+    x0 = torch.rand(6, 3, 4, 4) * 2 - 1
+    sched = _scheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    gen = torch.Generator().manual_seed(0)
+    xt, t, v = noised(x0, sched, gen)
+    a = sched.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    assert torch.allclose(a.sqrt() * xt - (1 - a).sqrt() * v, x0, atol=1e-5)  # x0 = sqrt(a) x_t - sqrt(1-a) v
+    eps = (xt - a.sqrt() * x0) / (1 - a).sqrt()
+    assert torch.allclose(v, sched.get_velocity(x0, eps, t), atol=1e-5)
+
+
+def test_an_unsupported_prediction_type_is_refused_by_name():
+    with pytest.raises(ValueError, match="sample"):
+        noised(torch.zeros(1, 3, 4, 4), _scheduler(prediction_type="sample"), torch.Generator())
