@@ -1,8 +1,16 @@
 """The trained demo model: a tiny pixel-space SD1-architecture text-to-image model on the
 synthetic shapes of `iteris_sd.shapes`, its four concept LoRAs and the attribute detector.
 
+The base model is trained in two phases. It first learns to draw on SD1.x's own noise
+schedule (epsilon prediction). That schedule ends at sqrt(abar_T) = 0.07: on a 32 px picture
+of one flat shape that much signal still shows where the shape is and what the background
+is, so a model trained only on it reads layout from its starting noise, not from the
+prompt. It is then fine-tuned to zero terminal SNR with v-prediction and trailing
+timesteps (Lin et al. 2024, what they did to SD 2.1), where the layout must come from the
+prompt.
+
 The weights ship in iteris_sd/assets/shapes32 (built by `scripts/train_demo_model.py`, a
-fixed seed, ~1 hour on 2 CPU cores); `demo_assets()` rebuilds them into the cache only if
+fixed seed, ~1.5 hours on 2 CPU cores); `demo_assets()` rebuilds them into the cache only if
 that folder is missing. The model is pixel space by choice: the folder has no vae/, the
 UNet denoises (3, 32, 32) images directly, and a sample is its own picture.
 """
@@ -22,9 +30,10 @@ from . import shapes
 from .progress import ProgressFn, no_progress
 
 ASSETS = Path(__file__).parent / "assets" / "shapes32"
-VERSION = "shapes32-v1"
+VERSION = "shapes32-v2"
 RESOLUTION = shapes.SIZE
 BASE_STEPS = 2000
+FINETUNE_STEPS = 2000
 LORA_STEPS = 300
 
 
@@ -75,7 +84,7 @@ def word_tokenizer():
 
 
 def new_base_model(seed: int = 0):
-    """(unet, text_encoder, tokenizer, scheduler) with random weights."""
+    """(unet, text_encoder, tokenizer, SD1's scheduler) with random weights."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -95,10 +104,22 @@ def new_base_model(seed: int = 0):
     return unet, te, tok, sched
 
 
+def zero_snr_scheduler():
+    """SD1's betas rescaled to zero terminal SNR, v-prediction, sampling from t = T."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing",
+                         clip_sample=True, set_alpha_to_one=False)
+
+
 def save_base(folder: Path, unet, te, tok, sched) -> None:
     """A diffusers pipeline folder without vae/ (pixel space), weights in fp16."""
     folder.mkdir(parents=True, exist_ok=True)
     copy.deepcopy(unet).half().save_pretrained(folder / "unet")  # copies: training may go on in fp32
+    config = folder / "unet" / "config.json"  # without the folder it was loaded from, if it was
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "_name_or_path"},
+                                 indent=2, sort_keys=True) + "\n")
     copy.deepcopy(te).half().save_pretrained(folder / "text_encoder")
     tok.save_pretrained(folder / "tokenizer")
     sched.save_pretrained(folder / "scheduler")
@@ -112,9 +133,12 @@ def save_base(folder: Path, unet, te, tok, sched) -> None:
 
 def build_demo_assets(folder: Path, base_steps: int = BASE_STEPS, lora_steps: int = LORA_STEPS,
                       detector_steps: int | None = None, seed: int = 0, progress: ProgressFn = no_progress,
-                      checkpoint_every: int = 0) -> Path:
-    """Train the base model, the concept LoRAs and the detector into ``folder`` (written
-    under a temporary name and renamed when complete)."""
+                      finetune_steps: int = FINETUNE_STEPS, pretrained: Path | None = None) -> Path:
+    """Train the base model (``base_steps`` on SD1's schedule, then ``finetune_steps`` at
+    zero terminal SNR), the concept LoRAs and the detector into ``folder`` (written under a
+    temporary name and renamed when complete). ``pretrained`` is a base folder saved by an
+    earlier build after its first phase (or a shapes32-v1 base): the first phase is then
+    read from it instead of trained again."""
     from .detect import train_detector
     from .train import load_parts, lora_targets, train_base, train_lora, write_lora
 
@@ -122,18 +146,24 @@ def build_demo_assets(folder: Path, base_steps: int = BASE_STEPS, lora_steps: in
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     log = {"version": VERSION, "seed": seed, "torch": torch.__version__, "threads": torch.get_num_threads()}
-    unet, te, tok, sched = new_base_model(seed)
+    data = lambda g: shapes.batch(g, 32, drop_caption=0.1)[:2]  # noqa: E731
+    if pretrained is None:
+        t0 = time.perf_counter()
+        unet, te, tok, sched = new_base_model(seed)
+        losses = train_base(unet, te, tok, sched, data, base_steps, seed=seed, progress=progress)
+        log["base"] = _train_record(base_steps, t0, losses)
+        pretrained = tmp / "pretrained"
+        save_base(pretrained, unet, te, tok, sched)
+    else:
+        log["base"] = {"pretrained": str(pretrained)}
+    # fine-tune from the fp16 save, so that a build from ``pretrained`` is the same as one without
+    unet, te, tok, _ = load_parts(pretrained)
+    sched = zero_snr_scheduler()
     t0 = time.perf_counter()
-
-    def base_progress(phase, done, total, detail=None):
-        progress(phase, done, total, detail)
-        if checkpoint_every and done % checkpoint_every == 0 and done < total:
-            save_base(folder.with_name(f"{folder.name}-checkpoints") / f"base-step{done}", unet, te, tok, sched)
-
-    losses = train_base(unet, te, tok, sched.alphas_cumprod, lambda g: shapes.batch(g, 32, drop_caption=0.1)[:2],
-                        base_steps, seed=seed, progress=base_progress)
-    log["base"] = {"steps": base_steps, "batch": 32, "seconds": round(time.perf_counter() - t0, 1),
-                   "loss_first_100": sum(losses[:100]) / len(losses[:100]), "loss_last_100": sum(losses[-100:]) / len(losses[-100:])}
+    losses = train_base(unet, te, tok, sched, data, finetune_steps, lr=1e-3, seed=seed + 1,
+                        phase="fine-tune base model to zero terminal SNR", progress=progress)
+    log["finetune"] = _train_record(finetune_steps, t0, losses)
+    shutil.rmtree(tmp / "pretrained", ignore_errors=True)
     save_base(tmp / "base", unet, te, tok, sched)
     unet, te, tok, sched = load_parts(tmp / "base")  # train the LoRAs on the fp16-rounded base users get
     log["loras"] = {}
@@ -141,7 +171,7 @@ def build_demo_assets(folder: Path, base_steps: int = BASE_STEPS, lora_steps: in
         t0 = time.perf_counter()
         targets = lora_targets(unet, te, concept.convs)
         params = train_lora(
-            unet, te, tok, sched.alphas_cumprod, targets, concept.rank, concept.alpha,
+            unet, te, tok, sched, targets, concept.rank, concept.alpha,
             data=lambda g, c=concept: shapes.batch(g, 8, (c,))[:2],
             priors=lambda g: shapes.batch(g, 8)[1], steps=lora_steps, seed=seed + 100 + k,
             phase=f"train LoRA {concept.trigger}", progress=progress)
@@ -159,11 +189,17 @@ def build_demo_assets(folder: Path, base_steps: int = BASE_STEPS, lora_steps: in
     return folder
 
 
-def check_assets(assets: DemoAssets, n_prompts: int = 24, seed: int = 5) -> dict:
-    """What the model and LoRAs draw, read by the detector (12 DDIM steps, CFG 4, 2 seeds per
-    prompt): the base model's accuracy on the colour, shape, position and background its
-    prompts ask for, and, per concept, how often it appears with its LoRA and without it on
-    the benchmark's held-out prompts."""
+def _train_record(steps: int, t0: float, losses: list[float]) -> dict:
+    head, tail = losses[:100] or [0.0], losses[-100:] or [0.0]
+    return {"steps": steps, "batch": 32, "seconds": round(time.perf_counter() - t0, 1),
+            "loss_first_100": sum(head) / len(head), "loss_last_100": sum(tail) / len(tail)}
+
+
+def check_assets(assets: DemoAssets, n_prompts: int = 24, seed: int = 5, cfg: float | None = None) -> dict:
+    """What the model and LoRAs draw, read by the detector (the benchmark's sampling: 12 DDIM
+    steps, its CFG unless ``cfg`` is given, 2 seeds per prompt): the base model's accuracy on
+    the colour, shape, position and background its prompts ask for, and, per concept, how
+    often it appears with its LoRA and without it on the benchmark's held-out prompts."""
     from dataclasses import replace
 
     from .bench import EVALUATION, problem
@@ -173,7 +209,8 @@ def check_assets(assets: DemoAssets, n_prompts: int = 24, seed: int = 5) -> dict
     from .pipeline import concept_deltas
 
     detector = load_detector(assets.detector)
-    backend = load_backend(str(assets.base), [["a"]], replace(EVALUATION, seeds=2), device="cpu")
+    settings = replace(EVALUATION, seeds=2, cfg=EVALUATION.cfg if cfg is None else cfg)
+    backend = load_backend(str(assets.base), [["a"]], settings, device="cpu")
     gen = torch.Generator().manual_seed(seed)
     scenes = [shapes.random_scene(gen) for _ in range(n_prompts)]
     found = read_attributes(detector, backend.sample([shapes.caption(s) for s in scenes], seed, {}))

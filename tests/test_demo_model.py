@@ -4,6 +4,7 @@ and the training code that makes them."""
 import json
 
 import pytest
+import torch
 
 from iteris_sd import shapes
 from iteris_sd.demo_model import ASSETS, build_demo_assets, check_assets, demo_assets
@@ -30,10 +31,14 @@ def detector(assets):
 
 
 def test_training_writes_a_complete_asset_folder_whose_loras_match_the_model(tmp_path):
-    folder = build_demo_assets(tmp_path / "assets", base_steps=2, lora_steps=2, detector_steps=2)
+    folder = build_demo_assets(tmp_path / "assets", base_steps=2, finetune_steps=2, lora_steps=2,
+                               detector_steps=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["assets"]  # no .partial left behind
     log = json.loads((folder / "train_log.json").read_text())
-    assert log["base"]["steps"] == 2 and set(log["loras"]) == {c.trigger for c in shapes.CONCEPTS}
+    assert log["base"]["steps"] == log["finetune"]["steps"] == 2
+    assert set(log["loras"]) == {c.trigger for c in shapes.CONCEPTS}
+    scheduler = json.loads((folder / "base" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"]
     backend = load_backend(str(folder / "base"), [["a sks"]], device="cpu")
     assert backend.vae_scale_factor == 1 and backend.unet.config.in_channels == 3  # pixel space
     for concept in shapes.CONCEPTS:
@@ -46,11 +51,23 @@ def test_training_writes_a_complete_asset_folder_whose_loras_match_the_model(tmp
         assert bool(convs_3x3) == concept.convs
 
 
+def test_a_build_from_a_pretrained_base_skips_the_first_phase_and_says_so(tmp_path):
+    from safetensors.torch import load_file
+
+    scratch = build_demo_assets(tmp_path / "scratch", base_steps=2, finetune_steps=0, lora_steps=1, detector_steps=1)
+    again = build_demo_assets(tmp_path / "again", finetune_steps=0, lora_steps=1, detector_steps=1,
+                              pretrained=scratch / "base")
+    assert json.loads((again / "train_log.json").read_text())["base"] == {"pretrained": str(scratch / "base")}
+    weights = [load_file(str(f / "base" / "unet" / "diffusion_pytorch_model.safetensors")) for f in (scratch, again)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_shipped_assets_are_complete_and_small():
     files = [p for p in ASSETS.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 20 * 2**20
     log = json.loads((ASSETS / "train_log.json").read_text())
-    assert log["base"]["seconds"] > 0 and all(v["seconds"] > 0 for v in log["loras"].values())
+    assert log["finetune"]["seconds"] > 0 and all(v["seconds"] > 0 for v in log["loras"].values())
 
 
 def test_detector_reads_clean_renders(detector):
@@ -58,15 +75,15 @@ def test_detector_reads_clean_renders(detector):
         assert acc >= 0.97, (attribute, acc)
 
 
-def test_base_model_draws_the_asked_colour(checked):
-    # Shape, position and background words are followed only at chance level (see the README); colour is.
-    assert checked["base"]["colour"] >= 0.9, checked["base"]
+def test_base_model_draws_the_asked_colour_and_background(checked):
+    # Measured 0.98 and 1.00. Shape and position words are followed only near chance (see the README).
+    assert checked["base"]["colour"] >= 0.9 and checked["base"]["background"] >= 0.9, checked["base"]
 
 
 @pytest.mark.parametrize("trigger", [c.trigger for c in shapes.CONCEPTS])
 def test_each_lora_draws_its_concept_on_held_out_prompts_and_the_base_does_not(trigger, checked):
     shown = checked["loras"][trigger]
-    # 8 pictures per concept; measured: sks 0.50, zwx 1.00, qpr 0.88, vbn 1.00, base 0 for all
+    # 8 pictures per concept; measured: sks 0.50, zwx 1.00, qpr 1.00, vbn 1.00, base 0 for all
     assert shown["with LoRA"] >= 0.5 and shown["base"] == 0, shown
 
 
