@@ -146,21 +146,20 @@ def build_demo_assets(folder: Path, base_steps: int = BASE_STEPS, lora_steps: in
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     log = {"version": VERSION, "seed": seed, "torch": torch.__version__, "threads": torch.get_num_threads()}
-    data = lambda g: shapes.batch(g, 32, drop_caption=0.1)[:2]  # noqa: E731
     if pretrained is None:
         t0 = time.perf_counter()
         unet, te, tok, sched = new_base_model(seed)
-        losses = train_base(unet, te, tok, sched, data, base_steps, seed=seed, progress=progress)
+        losses = train_base(unet, te, tok, sched, _base_batch, base_steps, seed=seed, progress=progress)
         log["base"] = _train_record(base_steps, t0, losses)
         pretrained = tmp / "pretrained"
         save_base(pretrained, unet, te, tok, sched)
     else:
-        log["base"] = {"pretrained": str(pretrained)}
+        log["base"] = {"pretrained": "phase 1 read from a saved base, not trained in this run"}
     # fine-tune from the fp16 save, so that a build from ``pretrained`` is the same as one without
     unet, te, tok, _ = load_parts(pretrained)
     sched = zero_snr_scheduler()
     t0 = time.perf_counter()
-    losses = train_base(unet, te, tok, sched, data, finetune_steps, lr=1e-3, seed=seed + 1,
+    losses = train_base(unet, te, tok, sched, _base_batch, finetune_steps, lr=1e-3, seed=seed + 1,
                         phase="fine-tune base model to zero terminal SNR", progress=progress)
     log["finetune"] = _train_record(finetune_steps, t0, losses)
     shutil.rmtree(tmp / "pretrained", ignore_errors=True)
@@ -187,6 +186,11 @@ def build_demo_assets(folder: Path, base_steps: int = BASE_STEPS, lora_steps: in
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
+
+
+def _base_batch(gen: torch.Generator):
+    """The base model's training batch: 32 captioned pictures, 10% of captions dropped (for CFG)."""
+    return shapes.batch(gen, 32, drop_caption=0.1)[:2]
 
 
 def _train_record(steps: int, t0: float, losses: list[float]) -> dict:
