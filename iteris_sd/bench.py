@@ -53,8 +53,10 @@ class Problem:
 
 def problem(n_loras: int, n_prompts: int = 3, n_held_out: int = 4, n_combined: int = 5) -> Problem:
     concepts = shapes.CONCEPTS[:n_loras]
-    calibration = [shapes.prompts((c,), n_prompts, CALIBRATION_SEED) for c in concepts]
-    longest = [shapes.prompts((c,), 5, CALIBRATION_SEED) for c in concepts]  # held out of every prompt count
+    # calibration covers the attribute values (as a user's prompts should); held-out prompts
+    # are drawn at random, none of them a calibration prompt at any prompt count measured
+    calibration = [shapes.covering_prompts((c,), n_prompts, CALIBRATION_SEED) for c in concepts]
+    longest = [shapes.covering_prompts((c,), 5, CALIBRATION_SEED) for c in concepts]
     held_out = [shapes.prompts((c,), n_held_out, HELD_OUT_SEED, tuple(cal)) for c, cal in zip(concepts, longest)]
     return Problem(concepts, calibration, held_out, shapes.prompts(concepts, n_combined, COMBINED_SEED))
 

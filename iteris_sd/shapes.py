@@ -156,6 +156,27 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+def covering_prompts(concepts: tuple[Concept, ...], n: int, seed: int) -> list[str]:
+    """n captions whose plain attributes cycle through every value (in a seeded order), so
+    any 3 consecutive ones name every base shape and background, any 4 every base colour and
+    any 5 every position; each concept applied, every word named. A longer list extends a
+    shorter one. What calibration prompts should look like: a LoRA's prompts that all share
+    a background teach the merge nothing about the others."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def order(options: tuple[str, ...]) -> list[str]:
+        return [options[i] for i in torch.randperm(len(options), generator=gen).tolist()]
+
+    cycles = [order(BASE_SHAPES), order(BASE_COLOURS), order(tuple(POSITIONS)), order(tuple(BACKGROUNDS))]
+    out = []
+    for k in range(n):
+        scene = Scene(*(values[k % len(values)] for values in cycles))
+        for c in concepts:
+            scene = c.apply(scene)
+        out.append(caption(scene))
+    return out
+
+
 def prompts(concepts: tuple[Concept, ...], n: int, seed: int, exclude: tuple[str, ...] = ()) -> list[str]:
     """n distinct captions of random scenes with every concept in ``concepts`` applied (the
     shape, colour and position always named), none of them in ``exclude``."""

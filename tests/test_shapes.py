@@ -74,6 +74,20 @@ def test_prompts_are_distinct_deterministic_prefix_stable_and_exclude():
     assert all("sks" in p and "zwx" in p for p in both)
 
 
+def test_covering_prompts_name_every_value_within_one_cycle():
+    six = shapes.covering_prompts((shapes.CONCEPTS[1],), 6, seed=0)
+    assert shapes.covering_prompts((shapes.CONCEPTS[1],), 3, seed=0) == six[:3]
+    assert len(set(six)) == 6 and all("zwx style" in p for p in six)
+    for values, window in [(shapes.BASE_SHAPES, 3), (shapes.BACKGROUNDS, 3), (shapes.BASE_COLOURS, 4), (shapes.POSITIONS, 5)]:
+        for start in (0, 1):
+            named = {v for p in six[start:start + window] for v in values if v in p.replace(",", "").split()}
+            assert named == set(values), (values, six[start:start + window])
+    # a concept overrides its attribute in every prompt; the other attributes still cycle
+    qpr = shapes.covering_prompts((shapes.CONCEPTS[2],), 3, seed=0)
+    assert all(p.endswith("on qpr background") for p in qpr)
+    assert shapes.covering_prompts((shapes.CONCEPTS[2],), 3, seed=1) != qpr
+
+
 def test_batch_drops_captions_at_the_asked_rate():
     gen = torch.Generator().manual_seed(0)
     images, captions, scenes = shapes.batch(gen, 200, drop_caption=0.3)
