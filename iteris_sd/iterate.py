@@ -50,8 +50,8 @@ class IterISConfig:
 
     iterations: int = 5
     damping: float = 0.5
-    # 1e-3: of 1e-2, 3e-3, 1e-3 and 1e-4 the lowest held-out error on the demo model over 2 and
-    # 4 LoRAs; 1e-4 over-fits the calibration prompts (README, Results)
+    # 1e-3: on the demo model the best of 1e-2 ... 1e-4 with 2 LoRAs and second to 1e-4 with 4;
+    # 1e-4 over-fits calibration prompts that do not vary (README, How IterIS is done here)
     regularization: float = 1e-3
     keep_best: bool = True
     adaptive: bool = True

@@ -57,7 +57,8 @@ class LoraEntryNode(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                                tooltip="How strongly this LoRA counts, as in LoraLoader; the merge reproduces the LoRA at this strength."),
                 io.String.Input("prompts", multiline=True, default="",
-                                tooltip="1 to 5 prompts, one per line, that use this LoRA (its trigger word and typical subjects)."),
+                                tooltip="1 to 5 prompts, one per line, that use this LoRA: its trigger word, with varied subjects, "
+                                        "backgrounds and compositions (the merge fits these prompts closely)."),
                 LoraList.Input("previous", optional=True, tooltip="Chain from another IterIS LoRA node to merge more LoRAs."),
             ],
             outputs=[LoraList.Output(display_name="loras", tooltip="The LoRAs chosen so far; connect to IterIS Merge or another entry.")],
