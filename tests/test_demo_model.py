@@ -85,7 +85,7 @@ def test_base_model_draws_the_asked_colour_and_background(checked):
 @pytest.mark.parametrize("trigger", [c.trigger for c in shapes.CONCEPTS])
 def test_each_lora_draws_its_concept_on_held_out_prompts_and_the_base_does_not(trigger, checked):
     shown = checked["loras"][trigger]
-    # 8 pictures per concept; measured: sks 0.50, zwx 1.00, qpr 1.00, vbn 1.00, base 0 for all
+    # 8 pictures per concept; measured: sks 0.62, zwx 1.00, qpr 1.00, vbn 1.00, base 0 for all
     assert shown["with LoRA"] >= 0.5 and shown["base"] == 0, shown
 
 
