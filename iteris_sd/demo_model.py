@@ -203,7 +203,8 @@ def check_assets(assets: DemoAssets, n_prompts: int = 24, seed: int = 5, cfg: fl
     """What the model and LoRAs draw, read by the detector (the benchmark's sampling: 12 DDIM
     steps, its CFG unless ``cfg`` is given, 2 seeds per prompt): the base model's accuracy on
     the colour, shape, position and background its prompts ask for, and, per concept, how
-    often it appears with its LoRA and without it on the benchmark's held-out prompts."""
+    often it appears with its LoRA and without it on the benchmark's held-out prompts; and
+    the text encoder's separation of each attribute's words (`text_separation`)."""
     from dataclasses import replace
 
     from .bench import EVALUATION, problem
@@ -229,4 +230,27 @@ def check_assets(assets: DemoAssets, n_prompts: int = 24, seed: int = 5, cfg: fl
             found = read_attributes(detector, backend.sample(held_out[k], seed + 6, d))
             shown[name] = sum(concept_present(f, concept) for f in found) / len(found)
         out["loras"][concept.trigger] = shown
+    out["text"] = text_separation(backend.text_encoders[0], backend.tokenizers[0], scenes)
+    return out
+
+
+def text_separation(text_encoder, tokenizer, scenes: list[shapes.Scene]) -> dict[str, float]:
+    """Per attribute, how far the text encoder's output (77, d) moves when only that word of
+    a caption changes (to the next value of the attribute): the mean over ``scenes`` of
+    ||E(caption) - E(changed caption)||_F / ||E(caption)||_F. Near 0, the UNet cannot tell
+    the words apart, whatever it learned."""
+    from dataclasses import replace
+
+    from .train import encode
+
+    options = {"colour": shapes.BASE_COLOURS, "shape": shapes.BASE_SHAPES,
+               "position": tuple(shapes.POSITIONS), "background": tuple(shapes.BACKGROUNDS)}
+    out = {}
+    with torch.no_grad():
+        e = encode(text_encoder, tokenizer, [shapes.caption(s) for s in scenes])
+        for attribute, values in options.items():
+            changed = [replace(s, **{attribute: values[(values.index(getattr(s, attribute)) + 1) % len(values)]})
+                       for s in scenes]
+            f = encode(text_encoder, tokenizer, [shapes.caption(s) for s in changed])
+            out[attribute] = float(((e - f).flatten(1).norm(dim=1) / e.flatten(1).norm(dim=1)).mean())
     return out
