@@ -21,7 +21,7 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -205,8 +205,6 @@ def check_assets(assets: DemoAssets, n_prompts: int = 24, seed: int = 5, cfg: fl
     the colour, shape, position and background its prompts ask for, and, per concept, how
     often it appears with its LoRA and without it on the benchmark's held-out prompts; and
     the text encoder's separation of each attribute's words (`text_separation`)."""
-    from dataclasses import replace
-
     from .bench import EVALUATION, problem
     from .detect import concept_present, load_detector, read_attributes
     from .diffusers_backend import load_backend
@@ -221,7 +219,7 @@ def check_assets(assets: DemoAssets, n_prompts: int = 24, seed: int = 5, cfg: fl
     found = read_attributes(detector, backend.sample([shapes.caption(s) for s in scenes], seed, {}))
     asked = [s for s in scenes for _ in range(2)]
     out = {"base": {k: sum(f[k] == getattr(s, k) for f, s in zip(found, asked)) / len(found)
-                    for k in ("colour", "shape", "position", "background")}, "loras": {}}
+                    for k in shapes.PLAIN_VALUES}, "loras": {}}
     held_out = problem(len(shapes.CONCEPTS)).held_out
     for k, concept in enumerate(shapes.CONCEPTS):
         deltas = concept_deltas(backend, [read_lora(assets.loras[k])])[0]
@@ -239,16 +237,12 @@ def text_separation(text_encoder, tokenizer, scenes: list[shapes.Scene]) -> dict
     a caption changes (to the next value of the attribute): the mean over ``scenes`` of
     ||E(caption) - E(changed caption)||_F / ||E(caption)||_F. Near 0, the UNet cannot tell
     the words apart, whatever it learned."""
-    from dataclasses import replace
-
     from .train import encode
 
-    options = {"colour": shapes.BASE_COLOURS, "shape": shapes.BASE_SHAPES,
-               "position": tuple(shapes.POSITIONS), "background": tuple(shapes.BACKGROUNDS)}
     out = {}
     with torch.no_grad():
         e = encode(text_encoder, tokenizer, [shapes.caption(s) for s in scenes])
-        for attribute, values in options.items():
+        for attribute, values in shapes.PLAIN_VALUES.items():
             changed = [replace(s, **{attribute: values[(values.index(getattr(s, attribute)) + 1) % len(values)]})
                        for s in scenes]
             f = encode(text_encoder, tokenizer, [shapes.caption(s) for s in changed])

@@ -27,6 +27,9 @@ POSITIONS = {"left": (9.5, 16), "right": (22.5, 16), "top": (16, 9.5), "bottom":
 BACKGROUNDS = {"white": (0.95, 0.95, 0.95), "gray": (0.5, 0.5, 0.5), "black": (0.05, 0.05, 0.05)}
 BASE_SHAPES = SHAPES[:3]
 BASE_COLOURS = tuple(COLOURS)[:4]
+# what a base scene's caption can ask for, per Scene field (the concepts add the rest)
+PLAIN_VALUES = {"shape": BASE_SHAPES, "colour": BASE_COLOURS, "position": tuple(POSITIONS),
+                "background": tuple(BACKGROUNDS)}
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ def random_scene(gen: torch.Generator, concepts: tuple[Concept, ...] = ()) -> Sc
     def pick(options):
         return options[int(torch.randint(len(options), (1,), generator=gen))]
 
-    scene = Scene(pick(BASE_SHAPES), pick(BASE_COLOURS), pick(tuple(POSITIONS)), pick(tuple(BACKGROUNDS)))
+    scene = Scene(**{field: pick(values) for field, values in PLAIN_VALUES.items()})
     for c in concepts:
         scene = c.apply(scene)
     return scene
@@ -167,10 +170,10 @@ def covering_prompts(concepts: tuple[Concept, ...], n: int, seed: int) -> list[s
     def order(options: tuple[str, ...]) -> list[str]:
         return [options[i] for i in torch.randperm(len(options), generator=gen).tolist()]
 
-    cycles = [order(BASE_SHAPES), order(BASE_COLOURS), order(tuple(POSITIONS)), order(tuple(BACKGROUNDS))]
+    cycles = {field: order(values) for field, values in PLAIN_VALUES.items()}
     out = []
     for k in range(n):
-        scene = Scene(*(values[k % len(values)] for values in cycles))
+        scene = Scene(**{field: values[k % len(values)] for field, values in cycles.items()})
         for c in concepts:
             scene = c.apply(scene)
         out.append(caption(scene))
