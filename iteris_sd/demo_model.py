@@ -7,10 +7,11 @@ of one flat shape that much signal still shows where the shape is and what the b
 is, so a model trained only on it reads layout from its starting noise, not from the
 prompt. It is then fine-tuned to zero terminal SNR with v-prediction and trailing
 timesteps (Lin et al. 2024, what they did to SD 2.1), where the layout must come from the
-prompt.
+prompt, with `CaptionProbe` added to the loss so that the text encoder keeps shape and
+position words apart (without it, it merged them and the UNet could not follow them).
 
 The weights ship in iteris_sd/assets/shapes32 (built by `scripts/train_demo_model.py`, a
-fixed seed, ~1.5 hours on 2 CPU cores); `demo_assets()` rebuilds them into the cache only if
+fixed seed, ~2 hours on 2 CPU cores); `demo_assets()` rebuilds them into the cache only if
 that folder is missing. The model is pixel space by choice: the folder has no vae/, the
 UNet denoises (3, 32, 32) images directly, and a sample is its own picture.
 """
@@ -30,10 +31,10 @@ from . import shapes
 from .progress import ProgressFn, no_progress
 
 ASSETS = Path(__file__).parent / "assets" / "shapes32"
-VERSION = "shapes32-v2"
+VERSION = "shapes32-v3"
 RESOLUTION = shapes.SIZE
 BASE_STEPS = 2000
-FINETUNE_STEPS = 2000
+FINETUNE_STEPS = 3000
 LORA_STEPS = 300
 
 
@@ -160,7 +161,8 @@ def build_demo_assets(folder: Path, base_steps: int = BASE_STEPS, lora_steps: in
     sched = zero_snr_scheduler()
     t0 = time.perf_counter()
     losses = train_base(unet, te, tok, sched, _base_batch, finetune_steps, lr=1e-3, seed=seed + 1,
-                        phase="fine-tune base model to zero terminal SNR", progress=progress)
+                        phase="fine-tune base model to zero terminal SNR", progress=progress,
+                        text_probe=CaptionProbe(te.config.hidden_size))
     log["finetune"] = _train_record(finetune_steps, t0, losses)
     shutil.rmtree(tmp / "pretrained", ignore_errors=True)
     save_base(tmp / "base", unet, te, tok, sched)
@@ -172,7 +174,7 @@ def build_demo_assets(folder: Path, base_steps: int = BASE_STEPS, lora_steps: in
         params = train_lora(
             unet, te, tok, sched, targets, concept.rank, concept.alpha,
             data=lambda g, c=concept: shapes.batch(g, 8, (c,))[:2],
-            priors=lambda g: shapes.batch(g, 8)[1], steps=lora_steps, seed=seed + 100 + k,
+            priors=lambda g: shapes.batch(g, 8)[:2], steps=lora_steps, seed=seed + 100 + k,
             phase=f"train LoRA {concept.trigger}", progress=progress)
         write_lora(tmp / f"lora_{concept.trigger}.safetensors", params, targets, {"unet": unet, "text_encoder": te},
                    concept.rank, concept.alpha, {"iteris_demo_concept": concept.trigger}, dtype="fp16")
@@ -191,6 +193,39 @@ def build_demo_assets(folder: Path, base_steps: int = BASE_STEPS, lora_steps: in
 def _base_batch(gen: torch.Generator):
     """The base model's training batch: 32 captioned pictures, 10% of captions dropped (for CFG)."""
     return shapes.batch(gen, 32, drop_caption=0.1)[:2]
+
+
+class CaptionProbe(torch.nn.Module):
+    """A loss that keeps every attribute's words apart in the text encoder's output.
+
+    Per attribute (shape, colour, position, background), a linear read-out of the output
+    averaged over tokens, (b, 77, d) -> (b, d), classifies which value the caption names
+    (or that it names none); the loss is ``weight`` times the mean cross-entropy. The
+    read-out's rows are unit vectors, so a low loss needs the encoder's outputs themselves
+    to differ, not a large read-out. Trained on the diffusion loss alone the encoder left
+    shape and position words almost where they started (`text_separation` 0.012 and 0.008
+    against colour's 0.44), and a UNet cannot follow words it cannot tell apart."""
+
+    def __init__(self, width: int, weight: float = 0.1):
+        super().__init__()
+        self.weight = weight
+        self.heads = torch.nn.ParameterDict({
+            field: torch.nn.Parameter(torch.randn(len(values) + 1, width)) for field, values in shapes.PLAIN_VALUES.items()})
+
+    def forward(self, prompts: list[str], hidden: torch.Tensor) -> torch.Tensor:
+        pooled = hidden.mean(1)
+        loss = hidden.new_zeros(())
+        for field, values in shapes.PLAIN_VALUES.items():
+            named = [caption_value(p, values) for p in prompts]
+            logits = pooled @ torch.nn.functional.normalize(self.heads[field], dim=1).T
+            loss = loss + torch.nn.functional.cross_entropy(logits, torch.tensor(named))
+        return self.weight * loss / len(self.heads)
+
+
+def caption_value(prompt: str, values: tuple[str, ...]) -> int:
+    """The index in ``values`` of the one a caption names, len(values) if it names none."""
+    words = set(prompt.replace(",", " ").split())
+    return next((k for k, v in enumerate(values) if v in words), len(values))
 
 
 def _train_record(steps: int, t0: float, losses: list[float]) -> dict:

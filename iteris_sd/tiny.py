@@ -132,8 +132,9 @@ def train_concept_lora(base: Path, concept: TinyConcept, out_path: Path, steps: 
         prompts = [concept.prompts[int(i)] for i in torch.randint(len(concept.prompts), (batch,), generator=gen)]
         return pattern.expand(batch, -1, -1, -1) + 0.1 * torch.randn(batch, 4, side, side, generator=gen), prompts
 
-    def priors(gen):
-        return [PRIOR_PROMPTS[int(i)] for i in torch.randint(len(PRIOR_PROMPTS), (batch,), generator=gen)]
+    def priors(gen):  # no pictures to preserve on a random-weight model: its predictions on noise
+        prompts = [PRIOR_PROMPTS[int(i)] for i in torch.randint(len(PRIOR_PROMPTS), (batch,), generator=gen)]
+        return torch.randn(batch, 4, side, side, generator=gen), prompts
 
     params = train_lora(unet, te, tok, sched, targets, concept.rank, concept.alpha, data, priors,
                         steps, seed=seed, phase=f"train LoRA {concept.trigger}", progress=progress)

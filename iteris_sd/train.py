@@ -20,9 +20,8 @@ from torch import Tensor, nn
 
 from .progress import ProgressFn, no_progress
 
-# gen -> (x0 (b, C, h, w), prompts); gen -> prompts
+# gen -> (x0 (b, C, h, w), prompts)
 DataFn = Callable[[torch.Generator], tuple[Tensor, list[str]]]
-PromptFn = Callable[[torch.Generator], list[str]]
 
 
 def noised(x0: Tensor, scheduler, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -49,11 +48,12 @@ def encode(text_encoder: nn.Module, tokenizer, prompts: list[str]) -> Tensor:
 
 def train_base(unet: nn.Module, text_encoder: nn.Module, tokenizer, scheduler, data: DataFn,
                steps: int, lr: float = 2e-3, seed: int = 0, phase: str = "train base model",
-               progress: ProgressFn = no_progress) -> list[float]:
+               progress: ProgressFn = no_progress, text_probe: nn.Module | None = None) -> list[float]:
     """Train the UNet and text encoder together (AdamW, warm-up then cosine decay); returns
-    the loss of every step."""
+    the diffusion loss of every step. ``text_probe(prompts, encoder output)``, if given,
+    returns a loss that is added to it; its parameters are trained too."""
     gen = torch.Generator().manual_seed(seed)
-    params = [*unet.parameters(), *text_encoder.parameters()]
+    params = [*unet.parameters(), *text_encoder.parameters(), *(text_probe.parameters() if text_probe is not None else ())]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
@@ -64,9 +64,11 @@ def train_base(unet: nn.Module, text_encoder: nn.Module, tokenizer, scheduler, d
     for step in range(steps):
         x0, prompts = data(gen)
         xt, t, target = noised(x0, scheduler, gen)
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=encode(text_encoder, tokenizer, prompts)).sample, target)
+        hidden = encode(text_encoder, tokenizer, prompts)
+        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=hidden).sample, target)
+        total = loss + text_probe(prompts, hidden) if text_probe is not None else loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
@@ -105,11 +107,12 @@ def lora_targets(unet: nn.Module, text_encoder: nn.Module, convs: bool) -> dict[
 
 
 def train_lora(unet: nn.Module, text_encoder: nn.Module, tokenizer, scheduler,
-               targets: dict[str, nn.Module], rank: int, alpha: float, data: DataFn, priors: PromptFn,
+               targets: dict[str, nn.Module], rank: int, alpha: float, data: DataFn, priors: DataFn,
                steps: int, lr: float = 3e-3, seed: int = 0, phase: str = "train LoRA",
                progress: ProgressFn = no_progress) -> dict[str, tuple[Tensor, Tensor]]:
     """Train a LoRA (up zero-initialised, down random) on ``data`` with prior preservation on
-    ``priors``; returns module id -> (up (out, r), down (r, in...)) with scale alpha / rank."""
+    ``priors`` (pictures without the trigger, where the LoRA must match the frozen base's
+    prediction); returns module id -> (up (out, r), down (r, in...)) with scale alpha / rank."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     scale = alpha / rank
@@ -140,9 +143,8 @@ def train_lora(unet: nn.Module, text_encoder: nn.Module, tokenizer, scheduler,
     try:
         for step in range(steps):
             x0, prompts = data(gen)
-            prior_prompts = priors(gen)
+            prior_x0, prior_prompts = priors(gen)
             b = x0.shape[0]
-            prior_x0 = torch.randn((len(prior_prompts), *x0.shape[1:]), generator=gen)
             xt, t, target = noised(torch.cat([x0, prior_x0]), scheduler, gen)
             with torch.no_grad():
                 enabled[0] = False

@@ -1,9 +1,10 @@
-"""The training target of iteris_sd.train for epsilon- and v-prediction schedulers."""
+"""The training code of iteris_sd.train and demo_model: targets for epsilon and v prediction, the caption probe."""
 
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from iteris_sd import shapes
 from iteris_sd.train import noised
 
 
@@ -33,3 +34,37 @@ def test_v_target_recovers_the_clean_picture_and_matches_diffusers():
 def test_an_unsupported_prediction_type_is_refused_by_name():
     with pytest.raises(ValueError, match="sample"):
         noised(torch.zeros(1, 3, 4, 4), _scheduler(prediction_type="sample"), torch.Generator())
+
+
+def test_caption_value_finds_the_named_word_or_says_none():
+    from iteris_sd.demo_model import caption_value
+
+    positions = shapes.PLAIN_VALUES["position"]
+    scene = shapes.Scene(position="right", background="black")
+    assert caption_value(shapes.caption(scene), positions) == positions.index("right")
+    assert caption_value(shapes.caption(scene, (True, True, False, True)), positions) == len(positions)
+    assert caption_value(shapes.caption(scene), shapes.PLAIN_VALUES["background"]) == 2
+
+
+def test_caption_probe_pulls_a_text_encoders_shape_and_position_words_apart():
+    from iteris_sd.demo_model import CaptionProbe, new_base_model, text_separation
+    from iteris_sd.train import encode
+
+    _, te, tok, _ = new_base_model(seed=1)
+    scenes = [shapes.random_scene(torch.Generator().manual_seed(k)) for k in range(8)]
+    before = text_separation(te, tok, scenes)
+    probe = CaptionProbe(te.config.hidden_size)
+    opt = torch.optim.Adam([*te.parameters(), *probe.parameters()], lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(40):
+        prompts = shapes.batch(gen, 32)[1]
+        loss = probe(prompts, encode(te, tok, prompts))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    after = text_separation(te.eval(), tok, scenes)
+    assert losses[-1] < 0.5 * losses[0], losses
+    for field in ("shape", "position"):
+        assert after[field] > 2 * before[field], (before, after)
