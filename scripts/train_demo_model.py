@@ -1,6 +1,6 @@
 """Train the demo model, its concept LoRAs and the detector into iteris_sd/assets/shapes32.
 
-    .venv/bin/python scripts/train_demo_model.py            # ~1.5 hours on 2 CPU cores
+    .venv/bin/python scripts/train_demo_model.py            # ~2 hours on 2 CPU cores
     .venv/bin/python scripts/train_demo_model.py --out DIR --base-steps 20 --lora-steps 5
     .venv/bin/python scripts/train_demo_model.py --check    # what the shipped model and LoRAs draw
 
