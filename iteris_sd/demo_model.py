@@ -228,8 +228,8 @@ class CaptionProbe(torch.nn.Module):
     def __init__(self, width: int, weight: float = 0.1):
         super().__init__()
         self.weight = weight
-        self.heads = torch.nn.ParameterDict({
-            field: torch.nn.Parameter(torch.randn(len(values) + 1, width)) for field, values in shapes.PLAIN_VALUES.items()})
+        self.heads = torch.nn.ParameterDict({field: torch.nn.Parameter(torch.randn(len(values) + 1, width))
+                                             for field, values in shapes.PLAIN_VALUES.items()})
 
     def forward(self, prompts: list[str], hidden: torch.Tensor) -> torch.Tensor:
         pooled = hidden.mean(1)

@@ -53,7 +53,9 @@ def train_base(unet: nn.Module, text_encoder: nn.Module, tokenizer, scheduler, d
     the diffusion loss of every step. ``text_probe(prompts, encoder output)``, if given,
     returns a loss that is added to it; its parameters are trained too."""
     gen = torch.Generator().manual_seed(seed)
-    params = [*unet.parameters(), *text_encoder.parameters(), *(text_probe.parameters() if text_probe is not None else ())]
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    if text_probe is not None:
+        params += list(text_probe.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
