@@ -235,16 +235,10 @@ class CaptionProbe(torch.nn.Module):
         pooled = hidden.mean(1)
         loss = hidden.new_zeros(())
         for field, values in shapes.PLAIN_VALUES.items():
-            named = [caption_value(p, values) for p in prompts]
+            named = [shapes.caption_value(p, values) for p in prompts]
             logits = pooled @ torch.nn.functional.normalize(self.heads[field], dim=1).T
             loss = loss + torch.nn.functional.cross_entropy(logits, torch.tensor(named))
         return self.weight * loss / len(self.heads)
-
-
-def caption_value(prompt: str, values: tuple[str, ...]) -> int:
-    """The index in ``values`` of the one a caption names, len(values) if it names none."""
-    words = set(prompt.replace(",", " ").split())
-    return next((k for k, v in enumerate(values) if v in words), len(values))
 
 
 def _train_record(steps: int, t0: float, losses: list[float]) -> dict:

@@ -87,6 +87,12 @@ def caption(scene: Scene, parts: tuple[bool, bool, bool, bool] = (True, True, Tr
     return text
 
 
+def caption_value(prompt: str, values: tuple[str, ...]) -> int:
+    """The index in ``values`` of the one a caption names, len(values) if it names none."""
+    words = set(prompt.replace(",", " ").split())
+    return next((k for k, v in enumerate(values) if v in words), len(values))
+
+
 def render(scene: Scene, jitter: torch.Generator | None = None) -> torch.Tensor:
     """(3, SIZE, SIZE) in [-1, 1]; ``jitter`` moves and scales the shape by a pixel or so."""
     dx = dy = 0.0

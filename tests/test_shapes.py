@@ -52,6 +52,14 @@ def test_captions_name_every_attribute_and_always_the_triggers():
     assert shapes.caption(plain, (False, False, True, False)) == "a shape at the top"
 
 
+def test_caption_value_finds_the_named_word_or_says_none():
+    positions = shapes.PLAIN_VALUES["position"]
+    scene = shapes.Scene(position="right", background="black")
+    assert shapes.caption_value(shapes.caption(scene), positions) == positions.index("right")
+    assert shapes.caption_value(shapes.caption(scene, (True, True, False, True)), positions) == len(positions)
+    assert shapes.caption_value(shapes.caption(scene), shapes.PLAIN_VALUES["background"]) == 2
+
+
 def test_concepts_apply_their_attribute_and_base_scenes_never_show_them():
     gen = torch.Generator().manual_seed(0)
     for _ in range(200):

@@ -36,16 +36,6 @@ def test_an_unsupported_prediction_type_is_refused_by_name():
         noised(torch.zeros(1, 3, 4, 4), _scheduler(prediction_type="sample"), torch.Generator())
 
 
-def test_caption_value_finds_the_named_word_or_says_none():
-    from iteris_sd.demo_model import caption_value
-
-    positions = shapes.PLAIN_VALUES["position"]
-    scene = shapes.Scene(position="right", background="black")
-    assert caption_value(shapes.caption(scene), positions) == positions.index("right")
-    assert caption_value(shapes.caption(scene, (True, True, False, True)), positions) == len(positions)
-    assert caption_value(shapes.caption(scene), shapes.PLAIN_VALUES["background"]) == 2
-
-
 def test_caption_probe_pulls_a_text_encoders_shape_and_position_words_apart():
     from iteris_sd.demo_model import CaptionProbe, new_base_model, text_separation
     from iteris_sd.train import encode
