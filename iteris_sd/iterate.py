@@ -50,8 +50,8 @@ class IterISConfig:
 
     iterations: int = 5
     damping: float = 0.5
-    # 1e-3: on the demo model the best of 1e-2 ... 1e-4 with 2 LoRAs and second to 1e-4 with 4;
-    # 1e-4 over-fits calibration prompts that do not vary (README, How IterIS is done here)
+    # 1e-3: on the demo model the best of 1e-2 ... 1e-4 with 2 and with 4 LoRAs; 1e-4 over-fits,
+    # most where calibration prompts do not vary (README, How IterIS is done here)
     regularization: float = 1e-3
     keep_best: bool = True
     adaptive: bool = True
