@@ -6,9 +6,16 @@ C_i = X_i^T X~_i, H_i = X~_i^T X~_i. The solve minimises
 
     sum_i c_i || X~_i W^T - X_i dW_i^T ||_F^2   (+ Frobenius-scaled ridge)
 
-with the closed form
+with the closed form (the paper's ridge, ``ridge_target="average"``)
 
-    W* = [sum_i c_i dW_i (C_i + a ||C_i||_F I)] [sum_i c_i (H_i + a ||H_i||_F I)]^-1.
+    W* = [sum_i c_i dW_i (C_i + a ||C_i||_F I)] [sum_i c_i (H_i + a ||H_i||_F I)]^-1,
+
+which pulls W toward each dW_i: along input directions the calibration never reaches, W*
+is the c-weighted average of the deltas, each LoRA at about 1/N strength. With
+``ridge_target="sum"`` the ridge a L ||W - sum_j dW_j||^2, L = sum_i c_i ||H_i||_F, pulls
+toward the sum instead (there, every LoRA at full strength, as when stacked):
+
+    W* = [sum_i c_i dW_i C_i + a L sum_j dW_j] [sum_i c_i H_i + a L I]^-1.
 
 Because W* = sum_i B_i Z_i, it is returned as Z = [Z_1; ...; Z_N] (R x d_in, R = sum r_i)
 beside the fixed U = [B_1 ... B_N]: an exact LoRA of rank sum r_i.
@@ -30,6 +37,7 @@ Factors = tuple[Tensor, Tensor]
 
 # Above this condition number estimate a Cholesky solve is not trusted.
 MAX_CONDITION = 1e12
+RIDGE_TARGETS = ("average", "sum")
 
 
 class IllConditionedWarning(UserWarning):
@@ -93,32 +101,45 @@ def choose_form(problem: LayerProblem, reg: float) -> str:
 
 
 def solve_layer(problem: LayerProblem, weights: list[float], reg: float, form: str = "auto",
-                device=None) -> Tensor:
-    """Z (R, d_in) with U @ Z = W*, the closed form above with a1 = a2 = reg.
+                device=None, ridge_target: str = "average") -> Tensor:
+    """Z (R, d_in) with U @ Z = W*, the closed form above with a1 = a2 = reg and the ridge
+    pulling toward ``ridge_target`` ("average" or "sum" of the deltas).
 
     ``form``: "primal" solves the d_in x d_in system; "dual" the (sum of kept rows)^2 one
     by the Woodbury identity (token-sampled statistics and reg > 0 only); "auto" the cheaper.
     Float64 on ``device`` (default: the statistics' device); Z is returned float32 on the CPU.
     """
+    if ridge_target not in RIDGE_TARGETS:
+        raise ValueError(f"ridge_target must be one of {', '.join(RIDGE_TARGETS)}, got {ridge_target!r}")
     if form == "auto":
         form = choose_form(problem, reg)
     dev = solve_device(problem, device)
     if form == "dual":
-        Zt = _solve_dual(problem, weights, reg, dev)
+        Zt = _solve_dual(problem, weights, reg, dev, ridge_target)
     else:
-        Zt = _solve_primal(problem, weights, reg, dev)
+        Zt = _solve_primal(problem, weights, reg, dev, ridge_target)
     return Zt.T.contiguous().float().cpu()
 
 
-def _solve_primal(problem: LayerProblem, weights: list[float], reg: float, dev: torch.device) -> Tensor:
+def _with_prior(data: list[Tensor], downs: list[Tensor], own_ridge: list[float], total_ridge: float,
+                ridge_target: str) -> Tensor:
+    """The right-hand side [.., data_j + p_j A_j^T, ..]: p_j = a c_j ||C_j|| pulls toward the
+    average, p_j = a L (the whole ridge of the left-hand side) toward the sum."""
+    prior = own_ridge if ridge_target == "average" else [total_ridge] * len(data)
+    return torch.cat([d + p * At for d, At, p in zip(data, downs, prior)], dim=1)
+
+
+def _solve_primal(problem: LayerProblem, weights: list[float], reg: float, dev: torch.device,
+                  ridge_target: str = "average") -> Tensor:
     # Arithmetic as D += c (H + a||H|| I), done in place (one d_in x d_in temporary at a time).
     D = None
-    rhs = []
+    data, downs, own_ridge, total_ridge = [], [], [], 0.0
     for f, st, c in zip(problem.factors, problem.stats, weights):
         T = st.merged_gram64(dev)
         norm = torch.linalg.matrix_norm(T)
         _check_finite(problem.name, norm)  # a NaN or Inf anywhere in T makes its norm one
         T.diagonal().add_(reg * norm)
+        total_ridge += c * reg * float(norm)
         T.mul_(c)
         if D is None:
             D = T
@@ -126,18 +147,21 @@ def _solve_primal(problem: LayerProblem, weights: list[float], reg: float, dev: 
             D.add_(T)
         del T
         if f is not None:
-            # (c_i A_i (C_i + a||C_i|| I))^T = c_i (C_i^T + a||C_i|| I) A_i^T
+            # (c_i A_i C_i)^T = c_i C_i^T A_i^T, and the ridge's share of C_i
             C = st.cross64(dev)
             A = f[1].to(device=dev, dtype=torch.float64)
-            rhs.append(c * (C.T @ A.T + reg * torch.linalg.matrix_norm(C) * A.T))
+            data.append(c * (C.T @ A.T))
+            downs.append(A.T)
+            own_ridge.append(c * reg * float(torch.linalg.matrix_norm(C)))
             del C
-    return solve_spd(D, torch.cat(rhs, dim=1), problem.name)
+    return solve_spd(D, _with_prior(data, downs, own_ridge, total_ridge, ridge_target), problem.name)
 
 
-def _solve_dual(problem: LayerProblem, weights: list[float], reg: float, dev: torch.device) -> Tensor:
+def _solve_dual(problem: LayerProblem, weights: list[float], reg: float, dev: torch.device,
+                ridge_target: str = "average") -> Tensor:
     """The same W* from token samples: D = Y^T Y + lam I with Y the stacked sqrt(c_i s_i) X~_i
     and lam = reg sum_i c_i ||H_i||_F, solved by Woodbury in the space of the kept rows."""
-    Ys, rhs, lam = [], [], 0.0
+    Ys, data, downs, own_ridge, lam = [], [], [], [], 0.0
     for f, st, c in zip(problem.factors, problem.stats, weights):
         _, Xp, Xm, s = st.rows64(dev)
         _check_finite(problem.name, Xm)
@@ -148,10 +172,12 @@ def _solve_dual(problem: LayerProblem, weights: list[float], reg: float, dev: to
             A = f[1].to(device=dev, dtype=torch.float64)
             # ||X^T X~||_F^2 = tr(X X^T X~ X~^T)
             norm_c = s * math.sqrt(max(float(((Xp @ Xp.T) * Km).sum()), 0.0))
-            rhs.append(c * (s * (Xm.T @ (Xp @ A.T)) + reg * norm_c * A.T))
-    R = torch.cat(rhs, dim=1)
+            data.append(c * s * (Xm.T @ (Xp @ A.T)))
+            downs.append(A.T)
+            own_ridge.append(c * reg * norm_c)
     if lam <= 0:
-        return _solve_primal(problem, weights, reg, dev)
+        return _solve_primal(problem, weights, reg, dev, ridge_target)
+    R = _with_prior(data, downs, own_ridge, lam, ridge_target)
     lam_vec = torch.full((R.shape[0],), lam, dtype=torch.float64, device=dev)
     return woodbury_solve(torch.cat(Ys), lam_vec, R, problem.name)
 

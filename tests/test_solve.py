@@ -38,17 +38,27 @@ def lowrank(d_out, d_in, r, gen):
     return torch.randn(d_out, r, generator=gen), torch.randn(r, d_in, generator=gen)
 
 
-def dense_closed_form(problem, weights, reg):
-    """W* written exactly as in the paper, with dense matrices."""
+def dense_closed_form(problem, weights, reg, ridge_target="average"):
+    """W* written exactly as in the paper ("average"), or with the ridge a L ||W - sum_j dW_j||^2
+    ("sum"), with dense matrices."""
     d_in = problem.base_weight.shape[1]
     I = torch.eye(d_in)
     num = torch.zeros_like(problem.base_weight)
     den = torch.zeros(d_in, d_in)
+    total = torch.zeros_like(problem.base_weight)
+    L = 0.0
     for f, st, c in zip(problem.factors, problem.stats, weights):
         _, C, H = st.solve_inputs()
         den += c * (H + reg * torch.linalg.matrix_norm(H) * I)
+        L += c * float(torch.linalg.matrix_norm(H))
         if f is not None:
-            num += c * (f[0] @ f[1]) @ (C + reg * torch.linalg.matrix_norm(C) * I)
+            total += f[0] @ f[1]
+            if ridge_target == "average":
+                num += c * (f[0] @ f[1]) @ (C + reg * torch.linalg.matrix_norm(C) * I)
+            else:
+                num += c * (f[0] @ f[1]) @ C
+    if ridge_target == "sum":
+        num += reg * L * total
     return num @ torch.linalg.inv(den)
 
 
@@ -58,8 +68,9 @@ def test_one_lora_alone_returns_that_lora_for_any_ridge():
     X = torch.randn(40, 5, generator=g)
     p = LayerProblem("l", torch.randn(6, 5, generator=g), [(B, A)], [stats_for(X)])
     for reg in (0.0, 1e-2, 1.0):
-        Z = solve_layer(p, adaptive_weights(p), reg).double()
-        torch.testing.assert_close(p.up @ Z, B @ A, rtol=1e-5, atol=1e-5)
+        for target in ("average", "sum"):
+            Z = solve_layer(p, adaptive_weights(p), reg, ridge_target=target).double()
+            torch.testing.assert_close(p.up @ Z, B @ A, rtol=1e-5, atol=1e-5)
 
 
 def test_recovers_known_weight_under_input_drift():
@@ -94,8 +105,9 @@ def test_two_loras_on_disjoint_input_subspaces_merge_exactly():
     assert max(res) < 1e-9
 
 
+@pytest.mark.parametrize("target", ["average", "sum"])
 @pytest.mark.parametrize("reg", [0.0, 1e-4, 1e-2])
-def test_rank_sum_factorisation_equals_dense_closed_form(reg):
+def test_rank_sum_factorisation_equals_dense_closed_form(reg, target):
     g = torch.Generator().manual_seed(3)
     d_out, d_in = 7, 9
     factors = [lowrank(d_out, d_in, r, g) for r in (2, 3, 1)] + [None]  # a concept not touching it
@@ -105,9 +117,32 @@ def test_rank_sum_factorisation_equals_dense_closed_form(reg):
         stats.append(stats_for(X, X + 0.2 * torch.randn(25, d_in, generator=g)))
     p = LayerProblem("l", torch.randn(d_out, d_in, generator=g), factors, stats)
     w = adaptive_weights(p)
-    Z = solve_layer(p, w, reg).double()
+    Z = solve_layer(p, w, reg, ridge_target=target).double()
     assert Z.shape == (6, d_in)  # rank 2 + 3 + 1
-    torch.testing.assert_close(p.up @ Z, dense_closed_form(p, w, reg), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p.up @ Z, dense_closed_form(p, w, reg, target), rtol=1e-5, atol=1e-5)
+
+
+def test_ridge_target_sets_what_the_merge_does_where_no_calibration_input_reaches():
+    # Inputs span only the first 4 of 6 directions: along the other two the data says nothing,
+    # and the ridge decides: the c||G||-weighted average of the deltas, or their sum.
+    g = torch.Generator().manual_seed(4)
+    factors = [lowrank(5, 6, 2, g), lowrank(5, 6, 3, g)]
+    Xs = [torch.cat([torch.randn(20, 4, generator=g), torch.zeros(20, 2)], dim=1) for _ in factors]
+    p = LayerProblem("l", torch.randn(5, 6, generator=g), factors, [stats_for(X) for X in Xs])
+    w = adaptive_weights(p)
+    dWs = [B @ A for B, A in factors]
+    share = [c * float(torch.linalg.matrix_norm(X.T @ X)) for c, X in zip(w, Xs)]
+    average = sum(s * dW for s, dW in zip(share, dWs)) / sum(share)
+    for target, expected in (("average", average), ("sum", dWs[0] + dWs[1])):
+        W = p.up @ solve_layer(p, w, 1e-2, ridge_target=target).double()
+        torch.testing.assert_close(W[:, 4:], expected[:, 4:], rtol=1e-6, atol=1e-6)
+
+
+def test_an_unknown_ridge_target_is_refused_by_name():
+    g = torch.Generator().manual_seed(5)
+    p = LayerProblem("l", torch.randn(3, 4, generator=g), [lowrank(3, 4, 1, g)], [stats_for(torch.randn(8, 4, generator=g))])
+    with pytest.raises(ValueError, match="ridge_target must be one of average, sum, got 'stack'"):
+        solve_layer(p, [1.0], 1e-3, ridge_target="stack")
 
 
 def test_adaptive_weights_match_hand_computation():
@@ -201,9 +236,10 @@ def test_primal_and_dual_solves_agree(rows, d_in):
         stats.append(sampled(X, X + 0.3 * torch.randn(rows, d_in, generator=g)))
     p = LayerProblem("l", torch.randn(d_out, d_in, generator=g), factors, stats)
     w = adaptive_weights(p)
-    primal = solve_layer(p, w, 1e-2, form="primal").double()
-    dual = solve_layer(p, w, 1e-2, form="dual").double()
-    torch.testing.assert_close(dual, primal, rtol=1e-6, atol=1e-6 * float(primal.abs().max()))
+    for target in ("average", "sum"):
+        primal = solve_layer(p, w, 1e-2, form="primal", ridge_target=target).double()
+        dual = solve_layer(p, w, 1e-2, form="dual", ridge_target=target).double()
+        torch.testing.assert_close(dual, primal, rtol=1e-6, atol=1e-6 * float(primal.abs().max()))
     assert choose_form(p, 1e-2) == ("dual" if 3 * rows < d_in else "primal")
     assert choose_form(p, 0.0) == "primal"  # no ridge: no Woodbury
 
