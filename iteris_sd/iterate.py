@@ -46,13 +46,15 @@ from .stats import ConceptStats, SampledStats, Stats, layer_rows, sample_seed
 @dataclass(frozen=True)
 class IterISConfig:
     """iterations: re-solves after the first solve (0 = one-shot, RegMean with IterIS's
-    weights and ridge); damping: beta, 1 = undamped; regularization: a1 = a2."""
+    weights and ridge); damping: beta, 1 = undamped; regularization: a1 = a2; ridge_target:
+    what the ridge pulls toward, "average" (the paper's) or "sum" of the deltas (solve.py)."""
 
     iterations: int = 5
     damping: float = 0.5
     # 1e-3: on the demo model the best of 1e-2 ... 1e-4 with 2 and with 4 LoRAs; 1e-4 over-fits,
     # most where calibration prompts do not vary (README, How IterIS is done here)
     regularization: float = 1e-3
+    ridge_target: str = "average"
     keep_best: bool = True
     adaptive: bool = True
     keep_iterates: bool = False  # MergeOutcome.iterates: every iterate, for curves against t
@@ -407,7 +409,7 @@ def run_iteris(backend: Backend, cal: CalibrationStats, config: IterISConfig, pr
     def solve(p: LayerProblem) -> Tensor:
         weights = cal.weights(p, config.adaptive)  # (timed on its own)
         t0 = time.perf_counter()
-        z = solve_layer(p, weights, reg, device=cal.solve_device)
+        z = solve_layer(p, weights, reg, device=cal.solve_device, ridge_target=config.ridge_target)
         cal.timings.solve += time.perf_counter() - t0
         solved[0] += 1
         progress("solve", solved[0], len(cal.layers))

@@ -54,6 +54,7 @@ class MergeOptions:
     chunk_layers: int | None = None
     tokens: int | None = None
     solve_device: str = "auto"
+    ridge_target: str = IterISConfig.ridge_target  # IterIS's ridge pulls toward "average" or "sum"
 
 
 @dataclass
@@ -170,7 +171,7 @@ def merge_loras(
         energy = {}
         if name == "iteris":
             cfg = IterISConfig(options.iterations, options.damping, options.regularization,
-                               adaptive=options.adaptive_weights)
+                               ridge_target=options.ridge_target, adaptive=options.adaptive_weights)
             outcome = run_iteris(backend, cal, cfg, progress)
             deltas = outcome.deltas
             report.history, report.chosen_iteration = outcome.history, outcome.chosen_iteration
@@ -265,7 +266,7 @@ def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress, score_new_see
                          "check that it is a complete diffusers folder or .safetensors checkpoint") from exc
     options = MergeOptions(recipe.iterations, recipe.damping, recipe.regularization, recipe.rank,
                            recipe.density, recipe.seed, recipe.adaptive_weights, recipe.memory_budget,
-                           recipe.chunk_layers, recipe.tokens, recipe.solve_device)
+                           recipe.chunk_layers, recipe.tokens, recipe.solve_device, recipe.ridge_target)
     methods = [recipe.method] + [m for m in recipe.compare if m != recipe.method]
     report = merge_loras(backend, loras, methods, options, progress, on_plan)
     methods_deltas = {n: r.deltas for n, r in report.results.items()}

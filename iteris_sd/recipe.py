@@ -27,6 +27,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from .solve import RIDGE_TARGETS
+
 __all__ = [
     "RecipeError",
     "LoraSpec",
@@ -37,6 +39,7 @@ __all__ = [
     "METHODS",
     "SAMPLERS",
     "DTYPES",
+    "RIDGE_TARGETS",
     "parse_recipe",
     "load_recipe",
     "apply_overrides",
@@ -144,6 +147,10 @@ class Recipe:
                         "iteration.", 0.5, gt=0.0, le=1.0)
     regularization: float = _f("Ridge on the feature Gram matrices, relative to their "
                                "Frobenius norm (>= 0; the paper's a1 = a2).", 1e-3, ge=0.0)
+    ridge_target: str = _f("What IterIS's ridge pulls the merge toward along input directions the "
+                           "calibration barely reaches: 'average' of the LoRAs' deltas (the paper's; "
+                           "each LoRA at about 1/N strength there) or their 'sum' (each at full "
+                           "strength, as when stacked).", "average", choices=RIDGE_TARGETS)
     adaptive_weights: bool = _f("IterIS's adaptive weights c_i = ||W0 + dW_i||^2 / "
                                 "||X_i (W0 + dW_i)^T||^2 per layer and LoRA (true, as in the paper) "
                                 "or equal weights (false).", True)
@@ -651,6 +658,7 @@ iterations = 5            # IterIS iterations (>= 0)
 # rank = 64               # output rank (>= 1); default: the sum of the input ranks
 damping = 0.5             # in (0, 1]; 1 = the paper's undamped iteration
 regularization = 0.001    # ridge on the Gram matrices, relative to their Frobenius norm
+ridge_target = "average"  # what the ridge pulls toward: "average" (the paper's) or "sum" of the deltas
 adaptive_weights = true   # the paper's per-layer, per-LoRA weights; false = equal weights
 density = 0.5             # fraction kept by ties and dare, in (0, 1]
 compare = ["linear", "regmean"]  # other methods scored in the same run for the report

@@ -17,7 +17,7 @@ from comfy_api.latest import io, ui
 from ..iteris_sd.formats import file_sha256, write_kohya
 from ..iteris_sd.lora import LoraFile
 from ..iteris_sd.pipeline import MergeOptions, MergeReport, kohya_layers, merge_loras, merged_metadata
-from ..iteris_sd.recipe import DTYPES, METHODS
+from ..iteris_sd.recipe import DTYPES, METHODS, RIDGE_TARGETS
 from .chart import convergence_image
 from .comfy_backend import ComfyBackend, ComfyCalibration
 
@@ -115,6 +115,9 @@ class MergeNode(io.ComfyNode):
                                tooltip="Ridge strength, relative to each layer's input energy."),
                 io.String.Input("memory_budget", default="auto", optional=True,
                                 tooltip="Memory for the merge's statistics: 'auto' (free device memory less a margin) or a size such as 6GB."),
+                io.Combo.Input("ridge_target", options=list(RIDGE_TARGETS), default=MergeOptions.ridge_target, optional=True,
+                               tooltip="What the ridge pulls the merge toward where the calibration says little: "
+                                       "'average' of the LoRAs (the paper's) or their 'sum' (each at full strength, as stacked)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the merged LoRA applied."),
@@ -128,14 +131,15 @@ class MergeNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, loras, method, iterations, rank, sampler, scheduler, steps, timesteps, resolution,
-                cfg, calibration_seed, negative_prompt="", damping=0.5, regularization=MergeOptions.regularization, memory_budget="auto") -> io.NodeOutput:
+                cfg, calibration_seed, negative_prompt="", damping=0.5, regularization=MergeOptions.regularization, memory_budget="auto",
+                ridge_target=MergeOptions.ridge_target) -> io.NodeOutput:
         if not loras:
             raise ValueError("connect at least one IterIS LoRA node")
         settings = ComfyCalibration(sampler, scheduler, steps, timesteps, resolution, cfg, negative_prompt, calibration_seed)
         backend = ComfyBackend(model, clip, [list(e.prompts) for e in loras], settings)
         files = [LoraFile(e.path, e.name, file_sha256(e.path), {}, e.strength) for e in loras]
         options = MergeOptions(iterations, damping, regularization, rank or None, seed=calibration_seed,
-                               memory_budget=memory_budget.strip() or "auto")
+                               memory_budget=memory_budget.strip() or "auto", ridge_target=ridge_target)
         progress = NodeProgress(cls.hidden.unique_id)
         try:
             report = merge_loras(backend, files, [method], options, progress)
@@ -143,6 +147,7 @@ class MergeNode(io.ComfyNode):
             comfy.model_management.soft_empty_cache()
         layers = kohya_layers(backend, report.results[method].deltas)
         recipe = {"method": method, "iterations": iterations, "damping": damping, "regularization": regularization,
+                  "ridge_target": ridge_target,
                   "rank": rank, "calibration": settings.__dict__, "prompts": {e.name: list(e.prompts) for e in loras},
                   "calibration_error": dict(zip(report.concepts, report.results[method].calibration)),
                   "chosen_iteration": report.chosen_iteration}

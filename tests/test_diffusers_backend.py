@@ -95,3 +95,15 @@ def test_iteris_does_not_depend_on_methods_measured_before_it(setup):
     for m, (_, Z) in alone.results["iteris"].deltas.items():
         torch.testing.assert_close(after.results["iteris"].deltas[m][1], Z)
     assert alone.results["iteris"].calibration == pytest.approx(after.results["iteris"].calibration)
+
+
+def test_ridge_target_reaches_the_solve_through_merge_options(setup):
+    from iteris_sd.pipeline import MergeOptions, merge_loras
+
+    backend, loras, deltas = setup
+    merged = {t: merge_loras(backend, loras, ["iteris"], MergeOptions(iterations=0, ridge_target=t)).results["iteris"].deltas
+              for t in ("average", "sum")}
+    direct = merge_iteris(backend, deltas, IterISConfig(iterations=0, ridge_target="sum")).deltas
+    for m, (_, Z) in direct.items():
+        torch.testing.assert_close(merged["sum"][m][1], Z)
+    assert any(not torch.allclose(merged["average"][m][1], merged["sum"][m][1]) for m in direct)

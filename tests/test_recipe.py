@@ -69,6 +69,7 @@ def test_minimal_recipe_gets_defaults(files):
     assert r.dtype == "fp16" and r.device == "auto" and r.seed == 0 and not r.overwrite
     assert r.damping == 0.5 and r.regularization == 1e-3 == IterISConfig().regularization == MergeOptions().regularization and r.density == 0.5
     assert r.compare == [] and r.base_config is None
+    assert r.ridge_target == IterISConfig().ridge_target == MergeOptions().ridge_target
     assert r.calibration == CalibrationSpec()
     c = r.calibration
     assert (c.steps, c.resolution, c.cfg, c.sampler, c.timesteps, c.negative_prompt, c.seeds) \
@@ -228,6 +229,7 @@ def test_wrong_types_nested(files):
     ("regularization", -1e-3, "regularization: must be >= 0.0, got -0.001"),
     ("seed", -1, "seed: must be >= 0, got -1"),
     ("method", "avg", "method: expected one of iteris, regmean, stack"),
+    ("ridge_target", "stack", "ridge_target: expected one of average, sum; got 'stack'"),
     ("compare", ["linear", "tie"], "compare[1]: expected one of iteris"),
     ("compare", ["ties", "ties"], "compare[1]: 'ties' is repeated"),
     ("dtype", "fp8", "dtype: expected one of fp16, bf16, fp32; got 'fp8'"),
@@ -444,7 +446,7 @@ def test_recipe_fields_cover_everything():
     for name in ["rank", "compare", "base_config", "calibration.steps", "calibration.seeds",
                  "lora[].path", "lora[].prompts", "lora[].held_out_prompts"]:
         assert name in names
-    assert len(names) == len(set(names)) == 19 + 7 + 5
+    assert len(names) == len(set(names)) == 20 + 7 + 5
     by_name = {row.name: row for row in rows}
     assert by_name["base"].default is REQUIRED and str(REQUIRED) == "(required)"
     assert by_name["rank"][1:3] == ("int | None", None)
