@@ -27,6 +27,7 @@ from .lowrank import balance, truncate
 from .plan import Plan, plan_merge
 from .progress import ProgressFn, no_progress
 from .recipe import Recipe, recipe_to_dict
+from .solve import RIDGE_TARGETS
 
 DATA_METHODS = ("iteris", "regmean")
 
@@ -55,6 +56,23 @@ class MergeOptions:
     tokens: int | None = None
     solve_device: str = "auto"
     ridge_target: str = IterISConfig.ridge_target  # IterIS's ridge pulls toward "average" or "sum"
+
+    def __post_init__(self) -> None:
+        """One-line errors up front for Python API callers (the recipe and the nodes check
+        their own fields), rather than after the reference capture."""
+        checks = [
+            ("iterations", self.iterations >= 0, ">= 0"),
+            ("damping", 0 < self.damping <= 1, "in (0, 1]"),
+            ("regularization", self.regularization >= 0, ">= 0"),
+            ("rank", self.rank is None or self.rank >= 1, "None or >= 1"),
+            ("density", 0 < self.density <= 1, "in (0, 1]"),
+            ("chunk_layers", self.chunk_layers is None or self.chunk_layers >= 1, "None or >= 1"),
+            ("tokens", self.tokens is None or self.tokens >= 1, "None or >= 1"),
+            ("ridge_target", self.ridge_target in RIDGE_TARGETS, "one of " + ", ".join(RIDGE_TARGETS)),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"MergeOptions.{name} must be {expected}, got {getattr(self, name)!r}")
 
 
 @dataclass

@@ -611,6 +611,19 @@ def test_recipe_errors_name_the_field_and_value(case, tmp_path, base, keymap, ca
     folder_is(tmp_path, {"a.safetensors", "r.toml"})
 
 
+@pytest.mark.parametrize("field, value, expected", [
+    ("iterations", -1, ">= 0"), ("damping", 0.0, "in (0, 1]"), ("damping", 1.5, "in (0, 1]"),
+    ("regularization", -1e-3, ">= 0"), ("rank", 0, "None or >= 1"), ("density", 0.0, "in (0, 1]"),
+    ("chunk_layers", 0, "None or >= 1"), ("tokens", 0, "None or >= 1"),
+    ("ridge_target", "stack", "one of average, sum"),
+])
+def test_bad_merge_options_fail_before_any_work(field, value, expected):
+    """The Python API's MergeOptions checks its fields when made, not after a calibration pass."""
+    with pytest.raises(ValueError) as e:
+        MergeOptions(**{field: value})
+    assert str(e.value) == f"MergeOptions.{field} must be {expected}, got {value!r}"
+
+
 def test_missing_recipe_file(tmp_path, capsys):
     code, _, err = run_cli(capsys, tmp_path / "absent.toml")
     assert code == 2 and one_line(err) == f"iteris-sd: error: {tmp_path / 'absent.toml'}: recipe file not found"
