@@ -26,7 +26,7 @@ from .detect import concept_present, load_detector, read_attributes
 from .diffusers_backend import CalibrationSettings, DiffusersBackend, load_backend
 from .formats import read_lora
 from .lora import LoraFile
-from .pipeline import MergeOptions, MergeReport, merge_loras, noise_errors, peak_memory_bytes
+from .pipeline import MergeOptions, MergeReport, identical_deltas, merge_loras, noise_errors, peak_memory_bytes
 from .progress import ProgressFn, no_progress
 from .recipe import METHODS
 
@@ -80,7 +80,8 @@ def evaluate(backend: DiffusersBackend, detector, prob: Problem, references: lis
              candidates: dict[str, Deltas], progress: ProgressFn = no_progress) -> dict[str, dict]:
     """Per candidate: noise, image and presence per concept, and the combined-prompt presences
     (candidates with identical deltas, such as stack and concat, are measured once)."""
-    same_as = {name: next(n for n, d in candidates.items() if _identical(d, deltas)) for name, deltas in candidates.items()}
+    same_as = {name: next(n for n, d in candidates.items() if identical_deltas(d, deltas))
+               for name, deltas in candidates.items()}
     candidates = {name: deltas for name, deltas in candidates.items() if same_as[name] == name}
     ev = evaluation_backend(backend)
     out = {name: {"noise": [], "image": [], "presence": []} for name in candidates}
@@ -98,10 +99,6 @@ def evaluate(backend: DiffusersBackend, detector, prob: Problem, references: lis
     for name, deltas in candidates.items():
         out[name].update(combined_presence(ev, detector, prob, deltas))
     return {name: out[first] for name, first in same_as.items()}  # identical deltas are measured once
-
-
-def _identical(a: Deltas, b: Deltas) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(x, y) for m in a for x, y in zip(a[m], b[m]))
 
 
 def combined_presence(ev: DiffusersBackend, detector, prob: Problem, deltas: Deltas) -> dict:

@@ -158,7 +158,8 @@ def specs_of(backend, deltas):
 def merge(backend, deltas, plan=None, iterations=2, seed=0):
     cal = CalibrationStats(backend, deltas, plan=plan, seed=seed)
     cal.capture_references(backend, lambda *a: None)
-    outcome = run_iteris(backend, cal, IterISConfig(iterations=iterations), lambda *a: None)
+    # the paper's small ridge: the merge then rests on the statistics that plans chunk and sample
+    outcome = run_iteris(backend, cal, IterISConfig(iterations=iterations, regularization=1e-3), lambda *a: None)
     return outcome, cal
 
 
@@ -334,6 +335,20 @@ def test_merge_loras_threads_memory_options_and_reports_the_plan():
             U2, Z2 = report.results[method].deltas[m]
             torch.testing.assert_close(U2 @ Z2, U @ Z, rtol=1e-4, atol=1e-6)
         assert report.results[method].calibration == pytest.approx(base.results[method].calibration, rel=1e-4)
+
+
+def test_a_method_identical_to_an_earlier_one_is_measured_once(monkeypatch):
+    """concat is stack written as one LoRA: the same model, so no second calibration pass."""
+    backend = FakeBackend()
+    loras = [LoraFile(f"l{i}.safetensors", f"l{i}", "0", {m: LoraLayer(m, up=B, down=A) for m, (B, A) in d.items()})
+             for i, d in enumerate(random_deltas(backend))]
+    measured = []
+    original = CalibrationStats.measure
+    monkeypatch.setattr(CalibrationStats, "measure", lambda self, *a, **k: measured.append(1) or original(self, *a, **k))
+    report = merge_loras(backend, loras, ["stack", "concat", "linear"], MergeOptions(memory_budget=None))
+    assert len(measured) == 2  # stack and linear
+    assert report.results["concat"].calibration == report.results["stack"].calibration
+    assert report.results["linear"].calibration != report.results["stack"].calibration
 
 
 # ----------------------------------------------------------------------------- out of memory
