@@ -145,12 +145,12 @@ class Recipe:
     overwrite: bool = _f("Replace `output` if it already exists.", False)
     damping: float = _f("Damping of each iteration, in (0, 1]; 1 = the paper's undamped "
                         "iteration.", 0.5, gt=0.0, le=1.0)
-    regularization: float = _f("Ridge on the feature Gram matrices, relative to their "
-                               "Frobenius norm (>= 0; the paper's a1 = a2).", 1e-3, ge=0.0)
+    regularization: float = _f("Ridge on the feature Gram matrices, relative to their Frobenius norm "
+                               "(>= 0; the paper's a1 = a2, 1e-7 to 1e-4 in its configurations).", 0.1, ge=0.0)
     ridge_target: str = _f("What IterIS's ridge pulls the merge toward along input directions the "
                            "calibration barely reaches: 'average' of the LoRAs' deltas (the paper's; "
                            "each LoRA at about 1/N strength there) or their 'sum' (each at full "
-                           "strength, as when stacked).", "average", choices=RIDGE_TARGETS)
+                           "strength, as when stacked).", "sum", choices=RIDGE_TARGETS)
     adaptive_weights: bool = _f("IterIS's adaptive weights c_i = ||W0 + dW_i||^2 / "
                                 "||X_i (W0 + dW_i)^T||^2 per layer and LoRA (true, as in the paper) "
                                 "or equal weights (false).", True)
@@ -657,8 +657,8 @@ method = "iteris"         # iteris, regmean, stack, linear, concat, svd, ties, d
 iterations = 5            # IterIS iterations (>= 0)
 # rank = 64               # output rank (>= 1); default: the sum of the input ranks
 damping = 0.5             # in (0, 1]; 1 = the paper's undamped iteration
-regularization = 0.001    # ridge on the Gram matrices, relative to their Frobenius norm
-ridge_target = "average"  # what the ridge pulls toward: "average" (the paper's) or "sum" of the deltas
+regularization = 0.1      # ridge on the Gram matrices, relative to their Frobenius norm
+ridge_target = "sum"      # what the ridge pulls toward: "sum" of the deltas or their "average" (the paper's)
 adaptive_weights = true   # the paper's per-layer, per-LoRA weights; false = equal weights
 density = 0.5             # fraction kept by ties and dare, in (0, 1]
 compare = ["linear", "regmean"]  # other methods scored in the same run for the report

@@ -112,12 +112,13 @@ class MergeNode(io.ComfyNode):
                 io.Float.Input("damping", default=0.5, min=0.05, max=1.0, step=0.05, optional=True,
                                tooltip="IterIS step size; 1 is the paper's undamped iteration, which oscillates on diffusion models."),
                 io.Float.Input("regularization", default=MergeOptions.regularization, min=0.0, max=10.0, step=0.001, optional=True,
-                               tooltip="Ridge strength, relative to each layer's input energy."),
+                               tooltip="Ridge strength, relative to each layer's input energy: larger stays closer to the stacked LoRAs, "
+                                       "smaller fits the calibration prompts more closely (and loses more of the concepts)."),
                 io.String.Input("memory_budget", default="auto", optional=True,
                                 tooltip="Memory for the merge's statistics: 'auto' (free device memory less a margin) or a size such as 6GB."),
                 io.Combo.Input("ridge_target", options=list(RIDGE_TARGETS), default=MergeOptions.ridge_target, optional=True,
                                tooltip="What the ridge pulls the merge toward where the calibration says little: "
-                                       "'average' of the LoRAs (the paper's) or their 'sum' (each at full strength, as stacked)."),
+                                       "their 'sum' (each at full strength, as stacked) or their 'average' (the paper's)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the merged LoRA applied."),

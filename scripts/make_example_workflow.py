@@ -47,7 +47,7 @@ def build() -> dict:
     a = g.add("IterIS_LoraEntry", [LORA_A, 1.0, PROMPTS_A], outputs=[("loras", "ITERIS_LORA_LIST")], x=400)
     b = g.add("IterIS_LoraEntry", [LORA_B, 1.0, PROMPTS_B], [("previous", "ITERIS_LORA_LIST", (a, 0))],
               [("loras", "ITERIS_LORA_LIST")], x=400, y=250)
-    merge = g.add("IterIS_Merge", ["iteris", 5, 0, "euler", "normal", 8, 4, SIZE, 5.0, 0, "", 0.5, 0.001, "auto", "average"],
+    merge = g.add("IterIS_Merge", ["iteris", 5, 0, "euler", "normal", 8, 4, SIZE, 5.0, 0, "", 0.5, 0.1, "auto", "sum"],
                   [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("loras", "ITERIS_LORA_LIST", (b, 0))],
                   [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("lora", "LORA_MODEL"), ("report", "STRING"), ("chart", "IMAGE")], x=800)
     g.add("IterIS_SaveLora", ["iteris_merged", "fp16", False], [("lora", "LORA_MODEL", (merge, 2))], x=1200)
