@@ -26,8 +26,7 @@ from .lora import LoraFile
 from .lowrank import balance, truncate
 from .plan import Plan, plan_merge
 from .progress import ProgressFn, no_progress
-from .recipe import Recipe, recipe_to_dict
-from .solve import RIDGE_TARGETS
+from .recipe import Recipe, check_value, recipe_to_dict
 
 DATA_METHODS = ("iteris", "regmean")
 
@@ -58,21 +57,11 @@ class MergeOptions:
     ridge_target: str = IterISConfig.ridge_target  # IterIS's ridge pulls toward "average" or "sum"
 
     def __post_init__(self) -> None:
-        """One-line errors up front for Python API callers (the recipe and the nodes check
-        their own fields), rather than after the reference capture."""
-        checks = [
-            ("iterations", self.iterations >= 0, ">= 0"),
-            ("damping", 0 < self.damping <= 1, "in (0, 1]"),
-            ("regularization", self.regularization >= 0, ">= 0"),
-            ("rank", self.rank is None or self.rank >= 1, "None or >= 1"),
-            ("density", 0 < self.density <= 1, "in (0, 1]"),
-            ("chunk_layers", self.chunk_layers is None or self.chunk_layers >= 1, "None or >= 1"),
-            ("tokens", self.tokens is None or self.tokens >= 1, "None or >= 1"),
-            ("ridge_target", self.ridge_target in RIDGE_TARGETS, "one of " + ", ".join(RIDGE_TARGETS)),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"MergeOptions.{name} must be {expected}, got {getattr(self, name)!r}")
+        """One-line errors up front for Python API callers, with the recipe's own rules for
+        the same fields, rather than after the reference capture."""
+        for name in ("iterations", "damping", "regularization", "rank", "density", "seed", "chunk_layers",
+                     "tokens", "ridge_target"):
+            check_value(name, getattr(self, name), f"MergeOptions.{name}")
 
 
 @dataclass

@@ -275,6 +275,12 @@ def _check_value(value: Any, hint: Any, label: str) -> Any:
     return _check_scalar(value, inner, label)
 
 
+def check_value(name: str, value: Any, label: str) -> None:
+    """Apply top-level recipe field ``name``'s declarative checks to ``value``; the
+    RecipeError (a ValueError) names ``label``. MergeOptions checks its fields with this."""
+    _check_range(value, next(f.metadata for f in dataclasses.fields(Recipe) if f.name == name), label)
+
+
 def _check_range(value: Any, meta: dict, label: str) -> None:
     """Apply a field's declarative checks (ge, gt, le, multiple_of, choices, ...)."""
     if value is None:
