@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import Backend, Deltas
@@ -321,16 +322,27 @@ class CalibrationStats:
 
     # ----- whole-merge operations, chunk by chunk
     def measure(self, backend: Backend, merged: Deltas, progress: ProgressFn = no_progress) -> list[float]:
-        """Calibration errors of ``merged`` (see `calibration_errors`), captured chunk by chunk."""
+        """Calibration errors of ``merged`` (as `calibration_errors`), straight from the layer
+        outputs of one paired pass per concept over every layer:
 
-        def work(chunk):
-            problems = self.paired_problems(backend, chunk, merged, progress)
+            residual_i = sum ||X~_i W^T - X_i dW_i^T||^2,  reference_i = sum ||X_i dW_i^T||^2
+
+        with W = U Z. No statistics are kept, so it needs no chunking and costs n d r per
+        layer where the Gram form costs n d^2; every token counts, also under a token budget."""
+        sums = {m: ([0.0] * len(self.concept_deltas), [0.0] * len(self.concept_deltas)) for m in self.layers}
+        for i, reference in enumerate(self.concept_deltas):
+            def sink(module, X, X_merged, i=i, reference=reference):
+                conv = self.targets[module].conv
+                got = _delta_output(merged.get(module), X_merged, conv)
+                want = _delta_output(reference.get(module), X, conv)
+                residual, ref = sums[module]
+                residual[i] += float(((got - want).double() ** 2).sum())
+                ref[i] += float((want.double() ** 2).sum())
+
             t0 = time.perf_counter()
-            out = {m: _layer_residuals(p, merged, self.solve_device) for m, p in problems.items()}
-            self.timings.solve += time.perf_counter() - t0
-            return out
-
-        return _errors(self.for_each_chunk(work, progress), self.layers)
+            backend.capture(i, reference, merged, self.layers, sink, progress)
+            self.timings.capture += time.perf_counter() - t0
+        return _errors(sums, self.layers)
 
     def regmean(self, backend: Backend, progress: ProgressFn = no_progress) -> Deltas:
         """RegMean on every layer, chunk by chunk."""
@@ -344,6 +356,19 @@ class CalibrationStats:
             return out
 
         return self.for_each_chunk(work, progress)
+
+
+def _delta_output(factors, x: Tensor, conv) -> Tensor:
+    """The delta U Z's output for the layer input x, in float32 (0 without a delta): x Z^T U^T,
+    or for a conv (``conv`` its ConvGeometry) a conv with Z's kernel, then U as a 1x1 conv."""
+    if factors is None:
+        return x.new_zeros((), dtype=torch.float32)
+    U, Z = (f.to(device=x.device, dtype=torch.float32) for f in factors)
+    x = x.float()
+    if conv is None:
+        return F.linear(F.linear(x, Z), U)
+    Z = Z.reshape(Z.shape[0], x.shape[1], *conv.kernel_size)
+    return F.conv2d(F.conv2d(x, Z, None, conv.stride, conv.padding, conv.dilation), U[:, :, None, None])
 
 
 def _layer_residuals(p: LayerProblem, merged: Deltas, device) -> tuple[list[float], list[float]]:

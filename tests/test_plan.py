@@ -561,6 +561,15 @@ def test_backend_device_is_found_by_duck_typing():
     assert backend_device(FakeBackend()) == torch.device("cpu")
 
 
+def test_measure_reads_the_base_model_as_error_1_and_a_lora_alone_as_0_on_its_own_prompts():
+    backend = FakeBackend()
+    deltas = random_deltas(backend)
+    cal = CalibrationStats(backend, deltas)
+    assert cal.measure(backend, {}) == pytest.approx([1.0] * len(deltas))
+    errors = cal.measure(backend, deltas[0])
+    assert errors[0] == pytest.approx(0.0, abs=1e-6) and all(e > 0.1 for e in errors[1:])
+
+
 def test_keep_iterates_returns_every_iterate_as_measured_in_the_history():
     backend = FakeBackend()
     deltas = random_deltas(backend)
