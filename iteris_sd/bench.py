@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -76,33 +77,72 @@ def _ratio(a: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> float:
     return (float(((a - ref) ** 2).sum()) / den) ** 0.5 if den > 0 else 0.0
 
 
+@dataclass
+class Evaluation:
+    """evaluate's result: per candidate, its scores and the pictures they were read from
+    (per concept its held-out prompts' pictures, then the combined prompts', ``seeds``
+    consecutive pictures per prompt)."""
+
+    scores: dict[str, dict]
+    pictures: dict[str, list[torch.Tensor]]
+    seeds: int = EVALUATION.seeds
+
+
 def evaluate(backend: DiffusersBackend, detector, prob: Problem, references: list[Deltas],
-             candidates: dict[str, Deltas], progress: ProgressFn = no_progress) -> dict[str, dict]:
-    """Per candidate: noise, image and presence per concept, and the combined-prompt presences
-    (candidates with identical deltas, such as stack and concat, are measured once)."""
+             candidates: dict[str, Deltas], progress: ProgressFn = no_progress,
+             presence_only: Collection[str] = ()) -> Evaluation:
+    """Per candidate: noise, image and presence per concept, and the combined-prompt presences;
+    for the names in ``presence_only`` (the reference rows of the tables) only the presences.
+    Each distinct model is sampled once per prompt set (stack and concat are the same model,
+    and a reference row is the model its image error compares against)."""
     same_as = {name: next(n for n, d in candidates.items() if identical_deltas(d, deltas))
                for name, deltas in candidates.items()}
-    candidates = {name: deltas for name, deltas in candidates.items() if same_as[name] == name}
+    distinct = {name: deltas for name, deltas in candidates.items() if same_as[name] == name}
+    scored = {first: distinct[first] for name, first in same_as.items() if name not in presence_only}
     ev = evaluation_backend(backend)
-    out = {name: {"noise": [], "image": [], "presence": []} for name in candidates}
-    noise = noise_errors(ev, references, candidates, prob.held_out, EVAL_SEED, progress)
+    scores = {name: {"presence": []} for name in distinct}
+    for name in scored:
+        scores[name].update(noise=[], image=[])
+    pictures = {name: [] for name in distinct}
+    noise = noise_errors(ev, references, scored, prob.held_out, EVAL_SEED, progress)
     for i, (concept, ps, ref) in enumerate(zip(prob.concepts, prob.held_out, references)):
-        ref_images = ev.sample(ps, EVAL_SEED, ref)
-        base_images = ev.sample(ps, EVAL_SEED, {})
-        for name, deltas in candidates.items():
-            images = ev.sample(ps, EVAL_SEED, deltas)
+        sample = _sampler(ev, ps, EVAL_SEED)
+        ref_images, base_images = sample(ref), sample({})
+        for name, deltas in distinct.items():
+            images = sample(deltas)
+            pictures[name].append(images)
             found = read_attributes(detector, images)
-            out[name]["noise"].append(noise[name][i])
-            out[name]["image"].append(_ratio(images, ref_images, base_images))
-            out[name]["presence"].append(sum(concept_present(f, concept) for f in found) / len(found))
+            scores[name]["presence"].append(sum(concept_present(f, concept) for f in found) / len(found))
+            if name in scored:
+                scores[name]["noise"].append(noise[name][i])
+                scores[name]["image"].append(_ratio(images, ref_images, base_images))
         progress("evaluate images", i + 1, len(prob.concepts))
-    for name, deltas in candidates.items():
-        out[name].update(combined_presence(ev, detector, prob, deltas))
-    return {name: out[first] for name, first in same_as.items()}  # identical deltas are measured once
+    for name, deltas in distinct.items():
+        images = ev.sample(prob.combined, EVAL_SEED + 1, deltas)
+        pictures[name].append(images)
+        scores[name].update(combined_presence(detector, prob, images))
+    return Evaluation({name: scores[first] for name, first in same_as.items()},
+                      {name: pictures[first] for name, first in same_as.items()}, ev.settings.seeds)
 
 
-def combined_presence(ev: DiffusersBackend, detector, prob: Problem, deltas: Deltas) -> dict:
-    found = read_attributes(detector, ev.sample(prob.combined, EVAL_SEED + 1, deltas))
+def _sampler(ev: DiffusersBackend, prompts: list[str], seed: int):
+    """deltas -> ev.sample(prompts, seed, deltas), sampling each distinct model once."""
+    done: list[tuple[Deltas, torch.Tensor]] = []
+
+    def sample(deltas: Deltas) -> torch.Tensor:
+        for d, images in done:
+            if identical_deltas(d, deltas):
+                return images
+        done.append((deltas, ev.sample(prompts, seed, deltas)))
+        return done[-1][1]
+
+    return sample
+
+
+def combined_presence(detector, prob: Problem, images: torch.Tensor) -> dict:
+    """How often each concept, and every concept at once, is found in the pictures of the
+    combined prompts."""
+    found = read_attributes(detector, images)
     each = [sum(concept_present(f, c) for f in found) / len(found) for c in prob.concepts]
     every = sum(all(concept_present(f, c) for c in prob.concepts) for f in found) / len(found)
     return {"combined": each, "combined_all": every}
@@ -120,6 +160,7 @@ class Measured:
     backend: DiffusersBackend
     problem: Problem
     loras: list[LoraFile]
+    evaluation: Evaluation
 
 
 def measure(n_loras: int, iterations: int = 5, n_prompts: int = 3, progress: ProgressFn = no_progress,
@@ -138,8 +179,9 @@ def measure(n_loras: int, iterations: int = 5, n_prompts: int = 3, progress: Pro
     merge_seconds = time.perf_counter() - t0
     candidates = {n: r.deltas for n, r in report.results.items()}
     reference_rows = references_by_name(prob, report.references)
-    scores = evaluate(backend, load_detector(assets.detector), prob, report.references,
-                      {**reference_rows, **candidates}, progress)
+    evaluation = evaluate(backend, load_detector(assets.detector), prob, report.references,
+                          {**reference_rows, **candidates}, progress, presence_only=reference_rows)
+    scores = evaluation.scores
     result = {
         "concepts": prob.names, "iterations": iterations, "prompts_per_lora": n_prompts,
         "calibration_prompts": prob.calibration, "held_out_prompts": prob.held_out, "combined_prompts": prob.combined,
@@ -149,7 +191,7 @@ def measure(n_loras: int, iterations: int = 5, n_prompts: int = 3, progress: Pro
                     for n, r in report.results.items()},
         "references": {n: scores[n] for n in reference_rows},
     }
-    return Measured(result, report, backend, prob, loras)
+    return Measured(result, report, backend, prob, loras, evaluation)
 
 
 def calibrated(n_loras: int, assets=None, progress: ProgressFn = no_progress):

@@ -7,12 +7,11 @@ Writes merged.safetensors, grid.png, report.json and report.md into the output f
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .bench import EVAL_SEED, EVALUATION, Measured, evaluation_backend, markdown, measure, references_by_name
+from .bench import Measured, markdown, measure, references_by_name
 from .pipeline import write_merged
 from .progress import ProgressFn, no_progress
 
@@ -31,36 +30,41 @@ def run_demo(n_loras: int = 2, iterations: int = 5, out_dir: str = "out/demo",
                  recipe=recipe, dtype="fp16", overwrite=True)
     (out / "report.json").write_text(json.dumps(m.result, indent=2) + "\n")
     (out / "report.md").write_text(markdown(m.result) + "\n")
-    draw_grid(m, out / "grid.png", progress)
+    draw_grid(m, out / "grid.png")
     return m
 
 
-def grid_rows(m: Measured) -> list[str]:
-    """Two held-out prompts per concept, then two that combine every concept."""
-    return [p for ps in m.problem.held_out for p in ps[:2]] + m.problem.combined[:2]
+def grid_columns(m: Measured) -> list[str]:
+    """The base, each LoRA alone, then GRID_METHODS."""
+    return [*references_by_name(m.problem, m.report.references), *GRID_METHODS]
 
 
-def draw_grid(m: Measured, path: Path, progress: ProgressFn = no_progress) -> Path:
-    """Rows: prompts; columns: base, each LoRA alone, then GRID_METHODS; one seed per row."""
-    from PIL import Image, ImageDraw
+def grid_rows(m: Measured) -> list[tuple[str, torch.Tensor]]:
+    """(prompt, pictures) per row: two held-out prompts per concept, then two that combine every
+    concept; the pictures (one per column) are the evaluation's own, its first seed."""
+    prompt_sets = [*m.problem.held_out, m.problem.combined]
+    columns = grid_columns(m)
+    seeds = m.evaluation.seeds
+    return [(prompts[p], torch.stack([m.evaluation.pictures[name][k][p * seeds] for name in columns]))
+            for k, prompts in enumerate(prompt_sets) for p in range(2)]
 
-    ev = evaluation_backend(m.backend, replace(EVALUATION, seeds=1))
-    prompts = grid_rows(m)
-    columns = {**references_by_name(m.problem, m.report.references),
-               **{name: m.report.results[name].deltas for name in GRID_METHODS}}
-    pictures = []
-    for k, deltas in enumerate(columns.values()):
-        pictures.append(ev.sample(prompts, EVAL_SEED, deltas))
-        progress("draw grid", k + 1, len(columns))
-    label_w, head_h = 280, 24
-    grid = Image.new("RGB", (label_w + CELL * len(columns), head_h + CELL * len(prompts)), "white")
+
+def draw_grid(m: Measured, path: Path) -> Path:
+    """Rows: grid_rows; columns: grid_columns."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    columns = grid_columns(m)
+    rows = grid_rows(m)
+    font = ImageFont.load_default(size=13)
+    label_w, head_h = 360, 24
+    grid = Image.new("RGB", (label_w + CELL * len(columns), head_h + CELL * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for c, name in enumerate(columns):
-        draw.text((label_w + c * CELL + 4, 6), name, fill="black")
-    for r, prompt in enumerate(prompts):
-        draw.text((4, head_h + r * CELL + CELL // 2 - 6), prompt, fill="black")
-        for c, batch in enumerate(pictures):
-            pixels = ((batch[r].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        draw.text((label_w + c * CELL + 4, 6), name, fill="black", font=font)
+    for r, (prompt, pictures) in enumerate(rows):
+        draw.text((4, head_h + r * CELL + CELL // 2 - 8), prompt, fill="black", font=font)
+        for c, picture in enumerate(pictures):
+            pixels = ((picture.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
             grid.paste(Image.fromarray(pixels).resize((CELL, CELL), Image.NEAREST), (label_w + c * CELL, head_h + r * CELL))
     grid.save(path)
     return path

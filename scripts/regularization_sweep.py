@@ -31,7 +31,7 @@ def sweep(n_loras: int, values: list[float], targets: list[str]) -> dict[str, di
         for a in values:
             config = IterISConfig(regularization=a, ridge_target=target)
             candidates[f"iteris, {target}, a = {a:g}"] = run_iteris(backend, cal, config, no_progress).deltas
-    return evaluate(backend, load_detector(demo_assets().detector), prob, refs, candidates)
+    return evaluate(backend, load_detector(demo_assets().detector), prob, refs, candidates).scores
 
 
 def _cell(values: list[float], digits: int) -> str:
