@@ -33,6 +33,8 @@ def test_demo_writes_the_lora_grid_and_report(demo, capsys):
         for metric in ("noise", "image", "presence", "combined", "calibration"):
             assert len(scores[metric]) == 2
     assert set(report["references"]) == {"base", "sks alone", "zwx alone"}
+    for scores in report["references"].values():  # the tables show only their presences
+        assert set(scores) == {"presence", "combined", "combined_all"}
     assert not set(report["held_out_prompts"][0]) & set(report["calibration_prompts"][0])
     merged = read_lora(out / "merged.safetensors")
     assert json.loads(merged.metadata["iteris_recipe"])["concepts"] == ["sks", "zwx"]
