@@ -85,7 +85,7 @@ class Evaluation:
 
     scores: dict[str, dict]
     pictures: dict[str, list[torch.Tensor]]
-    seeds: int = EVALUATION.seeds
+    seeds: int
 
 
 def evaluate(backend: DiffusersBackend, detector, prob: Problem, references: list[Deltas],

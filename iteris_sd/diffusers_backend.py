@@ -91,10 +91,7 @@ class DiffusersBackend:
     def target(self, module_id: str) -> Target:
         module = self.keymap.modules[module_id]
         w = module.weight.detach()
-        conv = None
-        if isinstance(module, nn.Conv2d):
-            conv = ConvGeometry(tuple(module.kernel_size), tuple(module.stride), tuple(module.padding), tuple(module.dilation))
-        return Target(w.float().cpu().reshape(w.shape[0], -1), tuple(w.shape), conv)
+        return Target(w.float().cpu().reshape(w.shape[0], -1), tuple(w.shape), ConvGeometry.of(module))
 
     def capture(self, concept, reference, merged, modules, sink, progress=no_progress) -> None:
         traj = self.trajectory(concept, reference, progress)

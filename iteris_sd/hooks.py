@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import Deltas, Factors, InputSink
+from .stats import ConvGeometry
 
 
 @contextlib.contextmanager
@@ -27,19 +28,22 @@ def hooked(modules: Mapping[str, nn.Module], chunks: list[Deltas], capture: Coll
 
     Deltas are (U, Z) flattened factors (U (d_out, R), Z (R, d_in)); they are cast to each
     module's device and dtype once, on entry."""
-    prepared = [{m: _prepare(f, modules[m]) for m, f in c.items()} for c in chunks]
+    prepared = [{m: tuple(f.to(device=modules[m].weight.device, dtype=modules[m].weight.dtype) for f in factors)
+                 for m, factors in c.items()} for c in chunks]
     capture = frozenset(capture)
     handles = []
     try:
         for m in capture.union(*[c.keys() for c in chunks]):
-            handles.append(modules[m].register_forward_hook(_hook(m, prepared, capture, sink)))
+            hook = _hook(m, prepared, capture, sink, ConvGeometry.of(modules[m]))
+            handles.append(modules[m].register_forward_hook(hook))
         yield
     finally:
         for h in handles:
             h.remove()
 
 
-def _hook(module_id: str, chunks: list[dict[str, Factors]], capture: frozenset[str], sink: InputSink | None):
+def _hook(module_id: str, chunks: list[dict[str, Factors]], capture: frozenset[str], sink: InputSink | None,
+          conv: ConvGeometry | None):
     deltas = [c.get(module_id) for c in chunks]
     n = len(chunks)
 
@@ -50,23 +54,17 @@ def _hook(module_id: str, chunks: list[dict[str, Factors]], capture: frozenset[s
         if all(d is None for d in deltas):
             return None
         outs = output.chunk(n)
-        return torch.cat([o if d is None else o + apply_delta(module, d, x) for o, x, d in zip(outs, xs, deltas)])
+        return torch.cat([o if d is None else o + apply_delta(d, x, conv) for o, x, d in zip(outs, xs, deltas)])
 
     return hook
 
 
-def _prepare(factors: Factors, module: nn.Module) -> Factors:
-    """(U, Z) on the module's device and dtype, shaped for it: conv kernels for a Conv2d."""
-    w = module.weight
-    U, Z = (f.to(device=w.device, dtype=w.dtype) for f in factors)
-    if isinstance(module, nn.Conv2d):
-        return U.reshape(U.shape[0], U.shape[1], 1, 1), Z.reshape(Z.shape[0], module.in_channels, *module.kernel_size)
-    return U, Z
-
-
-def apply_delta(module: nn.Module, factors: Factors, x: Tensor) -> Tensor:
-    """The low-rank delta's output for input x: x Z^T U^T (a conv with Z's kernel, then 1x1 U)."""
-    U, Z = (f.to(device=x.device, dtype=x.dtype) for f in factors)  # no-op unless weights are offloaded
-    if isinstance(module, nn.Conv2d):
-        return F.conv2d(F.conv2d(x, Z, None, module.stride, module.padding, module.dilation), U)
-    return F.linear(F.linear(x, Z), U)
+def apply_delta(factors: Factors, x: Tensor, conv: ConvGeometry | None) -> Tensor:
+    """The low-rank delta's output for the layer input x, in x's dtype: x Z^T U^T, or for a
+    conv (``conv`` its geometry) a conv with Z's kernel, then U as a 1x1 conv. Factors are
+    flat, U (d_out, R) and Z (R, d_in)."""
+    U, Z = (f.to(device=x.device, dtype=x.dtype) for f in factors)  # no-op once prepared
+    if conv is None:
+        return F.linear(F.linear(x, Z), U)
+    Z = Z.reshape(Z.shape[0], x.shape[1], *conv.kernel_size)
+    return F.conv2d(F.conv2d(x, Z, None, conv.stride, conv.padding, conv.dilation), U[:, :, None, None])

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import Backend, Deltas
+from .hooks import apply_delta
 from .plan import (
     LayerSpec,
     MergeOutOfMemory,
@@ -359,16 +359,10 @@ class CalibrationStats:
 
 
 def _delta_output(factors, x: Tensor, conv) -> Tensor:
-    """The delta U Z's output for the layer input x, in float32 (0 without a delta): x Z^T U^T,
-    or for a conv (``conv`` its ConvGeometry) a conv with Z's kernel, then U as a 1x1 conv."""
+    """`apply_delta` in float32; 0 without a delta."""
     if factors is None:
         return x.new_zeros((), dtype=torch.float32)
-    U, Z = (f.to(device=x.device, dtype=torch.float32) for f in factors)
-    x = x.float()
-    if conv is None:
-        return F.linear(F.linear(x, Z), U)
-    Z = Z.reshape(Z.shape[0], x.shape[1], *conv.kernel_size)
-    return F.conv2d(F.conv2d(x, Z, None, conv.stride, conv.padding, conv.dilation), U[:, :, None, None])
+    return apply_delta(factors, x.float(), conv)
 
 
 def _layer_residuals(p: LayerProblem, merged: Deltas, device) -> tuple[list[float], list[float]]:

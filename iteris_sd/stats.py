@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 F64 = torch.float64
 
@@ -44,6 +44,13 @@ class ConvGeometry:
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
+
+    @classmethod
+    def of(cls, module: nn.Module) -> ConvGeometry | None:
+        """A Conv2d's geometry; None for any other layer (a linear one)."""
+        if not isinstance(module, nn.Conv2d):
+            return None
+        return cls(tuple(module.kernel_size), tuple(module.stride), tuple(module.padding), tuple(module.dilation))
 
 
 def layer_rows(x: Tensor, conv: ConvGeometry | None) -> Tensor:

@@ -107,10 +107,7 @@ class ComfyBackend:
         if module_id not in self._targets:
             w = self._base_weight(module_id)
             module = self.module(module_id)
-            conv = None
-            if isinstance(module, nn.Conv2d):
-                conv = ConvGeometry(tuple(module.kernel_size), tuple(module.stride), tuple(module.padding), tuple(module.dilation))
-            self._targets[module_id] = Target(w.reshape(w.shape[0], -1), tuple(w.shape), conv)
+            self._targets[module_id] = Target(w.reshape(w.shape[0], -1), tuple(w.shape), ConvGeometry.of(module))
         return self._targets[module_id]
 
     def match(self, lora: LoraFile) -> dict[str, LoraLayer]:

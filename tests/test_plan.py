@@ -89,9 +89,7 @@ class FakeBackend:
 
         m = self.modules[module_id]
         w = m.weight.detach()
-        conv = ConvGeometry(tuple(m.kernel_size), tuple(m.stride), tuple(m.padding), tuple(m.dilation)) \
-            if isinstance(m, nn.Conv2d) else None
-        return Target(w.reshape(w.shape[0], -1), tuple(w.shape), conv)
+        return Target(w.reshape(w.shape[0], -1), tuple(w.shape), ConvGeometry.of(m))
 
     def match(self, lora):
         return dict(lora.layers)
