@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..iteris_sd.pipeline import MergeReport
+from ..iteris_sd.app.pipeline import MergeReport
 
 COLORS = [(66, 133, 244), (234, 67, 53), (251, 188, 5), (52, 168, 83), (171, 71, 188), (0, 172, 193)]
 

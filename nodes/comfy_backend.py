@@ -2,7 +2,7 @@
 
 LoRAs are read the way ComfyUI reads them (``comfy.lora`` key maps, ``comfy.lora_convert``
 and the weight adapters), so every family ComfyUI loads works here. Deltas are applied and
-inputs captured by the core's forward hooks (``iteris_sd.hooks``), removed in ``finally``:
+inputs captured by the core's forward hooks (``iteris_sd.backends.hooks``), removed in ``finally``:
 the user's MODEL and CLIP are never patched or mutated.
 
 Calibration: each concept's trajectory is sampled by ComfyUI's own ``comfy.sample.sample``
@@ -30,13 +30,13 @@ import comfy.model_patcher
 import comfy.sample
 import comfy.weight_adapter
 
-from ..iteris_sd.backend import Deltas, InputSink, Target, spread
-from ..iteris_sd.formats import LoraFormatError
-from ..iteris_sd.hooks import hooked
-from ..iteris_sd.keymap import KeyMismatchError
-from ..iteris_sd.lora import LoraFile, LoraLayer
+from ..iteris_sd.merge.backend import Deltas, InputSink, Target, spread
+from ..iteris_sd.lora.formats import LoraFormatError
+from ..iteris_sd.backends.hooks import hooked
+from ..iteris_sd.lora.keymap import KeyMismatchError
+from ..iteris_sd.lora.layer import LoraFile, LoraLayer
 from ..iteris_sd.progress import ProgressFn, no_progress
-from ..iteris_sd.stats import ConvGeometry
+from ..iteris_sd.merge.layers import ConvGeometry
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The IterIS nodes: LoRA entry (chains into a list), merge, save. Thin glue: the merge
-itself is `iteris_sd.pipeline.merge_loras` over `ComfyBackend`."""
+itself is `iteris_sd.app.pipeline.merge_loras` over `ComfyBackend`."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..iteris_sd.formats import file_sha256, write_kohya
-from ..iteris_sd.lora import LoraFile
-from ..iteris_sd.pipeline import MergeOptions, MergeReport, kohya_layers, merge_loras, merged_metadata
-from ..iteris_sd.recipe import DTYPES, METHODS, RIDGE_TARGETS
+from ..iteris_sd.lora.formats import file_sha256, write_kohya
+from ..iteris_sd.lora.layer import LoraFile
+from ..iteris_sd.app.pipeline import MergeOptions, MergeReport, kohya_layers, merge_loras, merged_metadata
+from ..iteris_sd.app.recipe import DTYPES, METHODS, RIDGE_TARGETS
 from .chart import convergence_image
 from .comfy_backend import ComfyBackend, ComfyCalibration
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iteris_sd.bench import demo_backend, problem  # noqa: E402
-from iteris_sd.demo_model import demo_assets  # noqa: E402
-from iteris_sd.formats import read_lora  # noqa: E402
-from iteris_sd.iterate import CalibrationStats  # noqa: E402
-from iteris_sd.pipeline import concept_deltas  # noqa: E402
+from iteris_demo.bench import demo_backend, problem  # noqa: E402
+from iteris_demo.model import demo_assets  # noqa: E402
+from iteris_sd.lora.formats import read_lora  # noqa: E402
+from iteris_sd.merge.iterate import CalibrationStats  # noqa: E402
+from iteris_sd.app.pipeline import concept_deltas  # noqa: E402
 
 
 def kind(module_id: str) -> str:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iteris_sd.cli import TqdmProgress  # noqa: E402
-from iteris_sd.demo_model import (  # noqa: E402
+from iteris_sd.app.cli import TqdmProgress  # noqa: E402
+from iteris_demo.model import (  # noqa: E402
     ASSETS, BASE_STEPS, FINETUNE_STEPS, LORA_STEPS, build_demo_assets, check_assets, demo_assets)
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from iteris_sd.baselines import WEIGHT_METHODS, LayerMerge, concat, dare, linear, stack, svd, ties
+from iteris_sd.merge.weight_space import WEIGHT_METHODS, LayerMerge, concat, dare, linear, stack, svd, ties
 
 # dW1 = B1 A1 = [[1, 0, -1], [2, 0, -2]],  dW2 = B2 A2 = [[0, 2, 0], [1, 1, 1]]
 B1, A1 = torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0, 0.0, -1.0]])

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from iteris_sd.bench import curves_markdown, markdown
-from iteris_sd.cli import main
-from iteris_sd.recipe import METHODS
+from iteris_demo.bench import curves_markdown, markdown
+from iteris_sd.app.cli import main
+from iteris_sd.app.recipe import METHODS
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,8 @@ def demo(tmp_path_factory):
 def test_demo_writes_the_lora_grid_and_report(demo, capsys):
     from PIL import Image
 
-    from iteris_sd.demo import CELL
-    from iteris_sd.formats import read_lora
+    from iteris_demo.run import CELL
+    from iteris_sd.lora.formats import read_lora
 
     code, out = demo
     assert code == 0

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from iteris_sd import shapes
-from iteris_sd.demo_model import ASSETS, build_demo_assets, check_assets, demo_assets
-from iteris_sd.detect import accuracy, load_detector
-from iteris_sd.diffusers_backend import load_backend
-from iteris_sd.formats import read_lora
+from iteris_demo import shapes
+from iteris_demo.model import ASSETS, build_demo_assets, check_assets, demo_assets
+from iteris_demo.detect import accuracy, load_detector
+from iteris_sd.backends.diffusers import load_backend
+from iteris_sd.lora.formats import read_lora
 
 pytestmark = pytest.mark.slow
 

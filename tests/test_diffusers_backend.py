@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from iteris_sd.diffusers_backend import CalibrationSettings, load_backend
-from iteris_sd.formats import read_lora
-from iteris_sd.iterate import IterISConfig, merge_iteris
-from iteris_sd.pipeline import concept_deltas
+from iteris_sd.backends.calibration import CalibrationSettings
+from iteris_sd.backends.diffusers import load_backend
+from iteris_sd.lora.formats import read_lora
+from iteris_sd.merge.iterate import IterISConfig, merge_iteris
+from iteris_sd.app.pipeline import concept_deltas
 
 pytestmark = pytest.mark.slow
 SETTINGS = CalibrationSettings(steps=4, timesteps=2, resolution=32)
@@ -14,7 +15,7 @@ SETTINGS = CalibrationSettings(steps=4, timesteps=2, resolution=32)
 
 @pytest.fixture(scope="module")
 def setup(tiny_assets):
-    from iteris_sd.tiny import CONCEPTS
+    from iteris_demo.tiny import CONCEPTS
 
     base, paths = tiny_assets
     loras = [read_lora(p) for p in paths]
@@ -87,7 +88,7 @@ def test_stabilised_iteration_keeps_the_best_iterate(setup):
 
 
 def test_iteris_does_not_depend_on_methods_measured_before_it(setup):
-    from iteris_sd.pipeline import MergeOptions, merge_loras
+    from iteris_sd.app.pipeline import MergeOptions, merge_loras
 
     backend, loras, _ = setup
     alone = merge_loras(backend, loras, ["iteris"], MergeOptions(iterations=1))
@@ -98,7 +99,7 @@ def test_iteris_does_not_depend_on_methods_measured_before_it(setup):
 
 
 def test_ridge_target_reaches_the_solve_through_merge_options(setup):
-    from iteris_sd.pipeline import MergeOptions, merge_loras
+    from iteris_sd.app.pipeline import MergeOptions, merge_loras
 
     backend, loras, deltas = setup
     merged = {t: merge_loras(backend, loras, ["iteris"], MergeOptions(iterations=0, ridge_target=t)).results["iteris"].deltas

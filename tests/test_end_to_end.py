@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from iteris_sd.cli import main
-from iteris_sd.formats import read_lora
+from iteris_sd.app.cli import main
+from iteris_sd.lora.formats import read_lora
 
 pytestmark = pytest.mark.slow
 
 
 def write_recipe(path: Path, base: Path, loras: list[Path], output: Path, extra: str = "") -> Path:
-    from iteris_sd.tiny import CONCEPTS
+    from iteris_demo.tiny import CONCEPTS
 
     text = f'base = "{base}"\noutput = "{output}"\ndtype = "fp32"\n{extra}\n'
     text += "[calibration]\nresolution = 32\nsteps = 4\ntimesteps = 2\n"
@@ -67,7 +67,7 @@ def test_written_file_loads_in_diffusers_with_every_key_used(cli_merge):
     pipe.unload_lora_weights()
     merged = read_lora(out)
     changed = 0
-    from iteris_sd.keymap import build_keymap
+    from iteris_sd.lora.keymap import build_keymap
 
     keymap = build_keymap({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, "sd1")
     for module_id, layer in keymap.match(merged).items():

@@ -33,15 +33,16 @@ import safetensors
 import safetensors.torch
 import torch
 
-from iteris_sd import cli
-from iteris_sd.cli import main
-from iteris_sd.diffusers_backend import CalibrationSettings, DiffusersBackend, load_backend
-from iteris_sd.formats import LoraFormatError, read_lora
-from iteris_sd.keymap import KeyMismatchError, ShapeMismatchError
-from iteris_sd.pipeline import MergeOptions, ZeroDeltaWarning, merge_loras, run_recipe, write_merged
+from iteris_sd.app import cli
+from iteris_sd.app.cli import main
+from iteris_sd.backends.calibration import CalibrationSettings
+from iteris_sd.backends.diffusers import DiffusersBackend, load_backend
+from iteris_sd.lora.formats import LoraFormatError, read_lora
+from iteris_sd.lora.keymap import KeyMismatchError, ShapeMismatchError
+from iteris_sd.app.pipeline import MergeOptions, ZeroDeltaWarning, merge_loras, run_recipe, write_merged
 from iteris_sd.progress import MergeCancelled
-from iteris_sd.recipe import load_recipe
-from iteris_sd.solve import IllConditionedWarning
+from iteris_sd.app.recipe import load_recipe
+from iteris_sd.merge.solve import IllConditionedWarning
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = CalibrationSettings(steps=2, timesteps=1, resolution=16)
@@ -77,7 +78,7 @@ def bars_apart(monkeypatch):
 @pytest.fixture(scope="module")
 def base():
     """The tiny SD1 base folder only (cached under $ITERIS_SD_CACHE; ~5 s to build once)."""
-    from iteris_sd.tiny import ensure_tiny_assets
+    from iteris_demo.tiny import ensure_tiny_assets
 
     return ensure_tiny_assets(0)[0]
 
@@ -317,7 +318,7 @@ def _tiny_sdxl_backend() -> DiffusersBackend:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from iteris_sd.tiny import tiny_tokenizer
+    from iteris_demo.tiny import tiny_tokenizer
 
     torch.manual_seed(0)
     tok = tiny_tokenizer()

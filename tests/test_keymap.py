@@ -1,4 +1,4 @@
-"""Tests for iteris_sd.keymap: diffusers <-> LDM UNet paths and LoRA name -> module maps."""
+"""Tests for iteris_sd.lora.keymap: diffusers <-> LDM UNet paths and LoRA name -> module maps."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from iteris_sd.keymap import (
+from iteris_sd.lora.keymap import (
     KeyMismatchError,
     ShapeMismatchError,
     build_keymap,
@@ -19,7 +19,7 @@ from iteris_sd.keymap import (
     guess_family,
     unet_layout,
 )
-from iteris_sd.lora import LoraFile, LoraLayer
+from iteris_sd.lora.layer import LoraFile, LoraLayer
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from iteris_sd.lowrank import balance, dense_to_factors, truncate
+from iteris_sd.lora.lowrank import balance, dense_to_factors, truncate
 
 
 def _dense_best(M: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iteris_sd import iterate
-from iteris_sd.iterate import CalibrationStats, IterISConfig, run_iteris
-from iteris_sd.lora import LoraFile, LoraLayer
-from iteris_sd.pipeline import MergeOptions, merge_loras
-from iteris_sd.plan import (
+from iteris_sd.merge import iterate
+from iteris_sd.merge.iterate import CalibrationStats, IterISConfig, run_iteris
+from iteris_sd.lora.layer import LoraFile, LoraLayer
+from iteris_sd.app.pipeline import MergeOptions, merge_loras
+from iteris_sd.merge.plan import (
     GiB,
     LayerSpec,
     MemoryPlanWarning,
@@ -32,7 +32,7 @@ from iteris_sd.plan import (
     parse_budget,
     plan_merge,
 )
-from iteris_sd.stats import ConvGeometry
+from iteris_sd.merge.layers import ConvGeometry
 
 OOM = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
@@ -85,7 +85,7 @@ class FakeBackend:
 
     # ----- the Backend protocol
     def target(self, module_id):
-        from iteris_sd.backend import Target
+        from iteris_sd.merge.backend import Target
 
         m = self.modules[module_id]
         w = m.weight.detach()
@@ -445,7 +445,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[1])
     from test_plan import FakeBackend, merge, random_deltas, specs_of
-    from iteris_sd.plan import make_plan
+    from iteris_sd.merge.plan import make_plan
 
     def vm(key):
         for line in open("/proc/self/status"):
@@ -491,7 +491,7 @@ def test_peak_memory_of_a_chunked_merge_stays_within_the_budget():
 
 
 def test_recipe_memory_fields_are_validated_and_overridable(tmp_path):
-    from iteris_sd.recipe import RecipeError, apply_overrides, parse_recipe
+    from iteris_sd.app.recipe import RecipeError, apply_overrides, parse_recipe
 
     (tmp_path / "base").mkdir()
     (tmp_path / "a.safetensors").write_bytes(b"")
@@ -514,7 +514,7 @@ def test_recipe_memory_fields_are_validated_and_overridable(tmp_path):
 
 
 def test_cli_prints_a_plan_that_chunks_or_samples_and_is_quiet_otherwise(capsys):
-    from iteris_sd.cli import _show_plan
+    from iteris_sd.app.cli import _show_plan
 
     _show_plan(make_plan(square_specs(), 2, None))
     assert capsys.readouterr().out == ""
@@ -524,7 +524,7 @@ def test_cli_prints_a_plan_that_chunks_or_samples_and_is_quiet_otherwise(capsys)
 
 
 def test_scale_configurations_and_table():
-    from iteris_sd.scale import configs, markdown
+    from iteris_demo.scale import configs, markdown
 
     assert configs("tiny", [2, 4], [1, 3]) == [(2, 1), (2, 3), (4, 1), (4, 3)]
     assert configs("sd15", [2, 4, 8], [1, 3, 5]) == [(2, 1), (4, 1), (8, 1), (2, 3), (2, 5)]
@@ -550,7 +550,7 @@ def test_gpu_scale_script_runs_on_the_cpu_with_the_tiny_model():
 def test_backend_device_is_found_by_duck_typing():
     from types import SimpleNamespace
 
-    from iteris_sd.plan import backend_device
+    from iteris_sd.merge.plan import backend_device
 
     assert backend_device(SimpleNamespace(device="cpu")) == torch.device("cpu")
     assert backend_device(SimpleNamespace(device=lambda: torch.device("meta"))) == torch.device("meta")

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from iteris_sd.recipe import METHODS, recipe_fields
+from iteris_sd.app.recipe import METHODS, recipe_fields
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from iteris_sd.iterate import IterISConfig
-from iteris_sd.pipeline import MergeOptions
-from iteris_sd.recipe import (
+from iteris_sd.merge.iterate import IterISConfig
+from iteris_sd.app.pipeline import MergeOptions
+from iteris_sd.app.recipe import (
     EXAMPLE_RECIPE,
     REQUIRED,
-    CalibrationSpec,
+    CalibrationSettings,
     LoraSpec,
     Recipe,
     RecipeError,
@@ -70,7 +70,7 @@ def test_minimal_recipe_gets_defaults(files):
     assert r.damping == 0.5 and r.regularization == 0.1 == IterISConfig().regularization == MergeOptions().regularization and r.density == 0.5
     assert r.compare == [] and r.base_config is None
     assert r.ridge_target == IterISConfig().ridge_target == MergeOptions().ridge_target
-    assert r.calibration == CalibrationSpec()
+    assert r.calibration == CalibrationSettings()
     c = r.calibration
     assert (c.steps, c.resolution, c.cfg, c.sampler, c.timesteps, c.negative_prompt, c.seeds) \
         == (8, 512, 5.0, "ddim", 4, "", 1)
@@ -81,7 +81,7 @@ def test_minimal_recipe_gets_defaults(files):
 
 
 def test_defaults_are_not_shared():
-    a, b = CalibrationSpec(), CalibrationSpec()
+    a, b = CalibrationSettings(), CalibrationSettings()
     assert a == b and a is not b
     l1 = LoraSpec(path="x", prompts=["p"])
     l1.held_out_prompts.append("q")
@@ -459,7 +459,7 @@ def test_recipe_fields_cover_everything():
 
 def test_every_field_has_help():
     import dataclasses
-    for cls in (Recipe, CalibrationSpec, LoraSpec):
+    for cls in (Recipe, CalibrationSettings, LoraSpec):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name}"
 

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from iteris_sd.diffusers_backend import CalibrationSettings, DiffusersBackend
-from iteris_sd.formats import read_lora, write_kohya
-from iteris_sd.pipeline import MergeOptions, merge_loras, write_merged
+from iteris_sd.backends.calibration import CalibrationSettings
+from iteris_sd.backends.diffusers import DiffusersBackend
+from iteris_sd.lora.formats import read_lora, write_kohya
+from iteris_sd.app.pipeline import MergeOptions, merge_loras, write_merged
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +18,7 @@ def sdxl_backend():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from iteris_sd.tiny import tiny_tokenizer
+    from iteris_demo.tiny import tiny_tokenizer
 
     torch.manual_seed(0)
     tok = tiny_tokenizer()

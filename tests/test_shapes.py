@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from iteris_sd import shapes
-from iteris_sd.demo_model import word_tokenizer
+from iteris_demo import shapes
+from iteris_demo.model import word_tokenizer
 
 
 def foreground(image, scene):
@@ -117,7 +117,7 @@ def test_word_tokenizer_makes_every_caption_word_one_token(tmp_path):
 
 
 def test_background_is_read_from_the_border_wherever_the_shape_is():
-    from iteris_sd.detect import background
+    from iteris_demo.detect import background
 
     gen = torch.Generator().manual_seed(0)
     for bg in shapes.BACKGROUNDS:

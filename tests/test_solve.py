@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from iteris_sd.solve import (
+from iteris_sd.merge.solve import (
     IllConditionedWarning,
     LayerProblem,
     adaptive_weights,
@@ -15,7 +15,7 @@ from iteris_sd.solve import (
     regmean_layer,
     solve_layer,
 )
-from iteris_sd.stats import ConceptStats, SampledStats
+from iteris_sd.merge.stats import ConceptStats, SampledStats
 
 
 @pytest.fixture(autouse=True)

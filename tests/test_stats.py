@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iteris_sd.stats import ConceptStats, ConvGeometry, SampledStats, layer_rows
+from iteris_sd.merge.layers import ConvGeometry, layer_rows
+from iteris_sd.merge.stats import ConceptStats, SampledStats
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [((3, 3), (1, 1), (1, 1)), ((1, 1), (1, 1), (0, 0)), ((3, 3), (2, 2), (1, 1))])

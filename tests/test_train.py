@@ -1,11 +1,11 @@
-"""The training code of iteris_sd.train and demo_model: targets for epsilon and v prediction, the caption probe."""
+"""The training code of iteris_demo.train and demo_model: targets for epsilon and v prediction, the caption probe."""
 
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from iteris_sd import shapes
-from iteris_sd.train import noised
+from iteris_demo import shapes
+from iteris_demo.train import noised
 
 
 def _scheduler(**kw):
@@ -37,8 +37,8 @@ def test_an_unsupported_prediction_type_is_refused_by_name():
 
 
 def test_caption_probe_pulls_a_text_encoders_shape_and_position_words_apart():
-    from iteris_sd.demo_model import CaptionProbe, new_base_model, text_separation
-    from iteris_sd.train import encode
+    from iteris_demo.model import CaptionProbe, new_base_model, text_separation
+    from iteris_demo.train import encode
 
     _, te, tok, _ = new_base_model(seed=1)
     scenes = [shapes.random_scene(torch.Generator().manual_seed(k)) for k in range(8)]

@@ -5,7 +5,7 @@ step is damped, Z <- (1 - beta) Z + beta Z*, and the iterate with the lowest mea
 calibration error is kept. Every iterate is measured on statistics captured with that
 iterate applied, so "error at iteration t" is a property of the model, not of the solver.
 
-Layers are worked on in the chunks of a memory plan (`iteris_sd.plan`): for each iterate,
+Layers are worked on in the chunks of a memory plan (`iteris_sd.merge.plan`): for each iterate,
 each chunk's layers are captured (with the whole merged model applied), measured and
 re-solved, and their statistics freed before the next chunk; the re-solves are applied
 together once every chunk is done, so the chunking never changes the result.
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .backend import Backend, Deltas
-from .hooks import apply_delta
+from .layers import apply_delta, layer_rows
 from .plan import (
     LayerSpec,
     MergeOutOfMemory,
@@ -33,7 +33,7 @@ from .plan import (
     oom_message,
     warn_event,
 )
-from .progress import ProgressFn, no_progress
+from ..progress import ProgressFn, no_progress
 from .solve import (
     LayerProblem,
     adaptive_weights,
@@ -41,7 +41,7 @@ from .solve import (
     regmean_layer,
     solve_layer,
 )
-from .stats import ConceptStats, SampledStats, Stats, layer_rows, sample_seed
+from .stats import ConceptStats, SampledStats, Stats, sample_seed
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class Timings:
 
 class CalibrationStats:
     """Per-layer, per-concept statistics for a merge, filled by backend captures, chunk by
-    chunk as ``plan`` (an `iteris_sd.plan.Plan`) says; without a plan, one chunk of every
+    chunk as ``plan`` (an `iteris_sd.merge.plan.Plan`) says; without a plan, one chunk of every
     layer in Gram form with no budget: the plain merge.
 
     Statistics exist only for the layers being worked on (and, when the plan keeps them,

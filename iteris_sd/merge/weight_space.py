@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .lowrank import _check_rank, dense_to_factors, truncate
+from ..lora.lowrank import _check_rank, dense_to_factors, truncate
 
 Factors = tuple[Tensor, Tensor]
 

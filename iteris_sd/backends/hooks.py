@@ -13,11 +13,10 @@ import contextlib
 from typing import Collection, Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backend import Deltas, Factors, InputSink
-from .stats import ConvGeometry
+from ..merge.backend import Deltas, Factors, InputSink
+from ..merge.layers import ConvGeometry, apply_delta
 
 
 @contextlib.contextmanager
@@ -57,14 +56,3 @@ def _hook(module_id: str, chunks: list[dict[str, Factors]], capture: frozenset[s
         return torch.cat([o if d is None else o + apply_delta(d, x, conv) for o, x, d in zip(outs, xs, deltas)])
 
     return hook
-
-
-def apply_delta(factors: Factors, x: Tensor, conv: ConvGeometry | None) -> Tensor:
-    """The low-rank delta's output for the layer input x, in x's dtype: x Z^T U^T, or for a
-    conv (``conv`` its geometry) a conv with Z's kernel, then U as a 1x1 conv. Factors are
-    flat, U (d_out, R) and Z (R, d_in)."""
-    U, Z = (f.to(device=x.device, dtype=x.dtype) for f in factors)  # no-op once prepared
-    if conv is None:
-        return F.linear(F.linear(x, Z), U)
-    Z = Z.reshape(Z.shape[0], x.shape[1], *conv.kernel_size)
-    return F.conv2d(F.conv2d(x, Z, None, conv.stride, conv.padding, conv.dilation), U[:, :, None, None])

@@ -21,15 +21,16 @@ from pathlib import Path
 
 import torch
 
-from . import shapes
-from .backend import Deltas
-from .detect import concept_present, load_detector, read_attributes
-from .diffusers_backend import CalibrationSettings, DiffusersBackend, load_backend
-from .formats import read_lora
-from .lora import LoraFile
-from .pipeline import MergeOptions, MergeReport, identical_deltas, merge_loras, noise_errors, peak_memory_bytes
-from .progress import ProgressFn, no_progress
-from .recipe import METHODS
+from iteris_demo import shapes
+from iteris_sd.merge.backend import Deltas
+from iteris_demo.detect import concept_present, load_detector, read_attributes
+from iteris_sd.backends.calibration import CalibrationSettings
+from iteris_sd.backends.diffusers import DiffusersBackend, load_backend
+from iteris_sd.lora.formats import read_lora
+from iteris_sd.lora.layer import LoraFile
+from iteris_sd.app.pipeline import MergeOptions, MergeReport, identical_deltas, merge_loras, noise_errors, peak_memory_bytes
+from iteris_sd.progress import ProgressFn, no_progress
+from iteris_sd.app.recipe import METHODS
 
 # CFG 2: the zero-terminal-SNR demo model over-saturates at higher scales (colours and
 # backgrounds drift; `scripts/train_demo_model.py --check --cfg 4` measures it)
@@ -167,7 +168,7 @@ def measure(n_loras: int, iterations: int = 5, n_prompts: int = 3, progress: Pro
             assets=None) -> Measured:
     """Merge the first n concept LoRAs with every method (IterIS first) and measure each;
     ``assets`` (a DemoAssets) defaults to the shipped demo model."""
-    from .demo_model import demo_assets
+    from iteris_demo.model import demo_assets
 
     assets = assets or demo_assets(progress)
     prob = problem(n_loras, n_prompts)
@@ -198,9 +199,9 @@ def calibrated(n_loras: int, assets=None, progress: ProgressFn = no_progress):
     """(problem, backend, per-LoRA deltas, CalibrationStats with the references captured) for
     the first n concept LoRAs of ``assets`` (default: the demo model): what IterIS variants
     start from."""
-    from .demo_model import demo_assets
-    from .iterate import CalibrationStats
-    from .pipeline import concept_deltas
+    from iteris_demo.model import demo_assets
+    from iteris_sd.merge.iterate import CalibrationStats
+    from iteris_sd.app.pipeline import concept_deltas
 
     assets = assets or demo_assets(progress)
     prob = problem(n_loras)
@@ -214,8 +215,8 @@ def calibrated(n_loras: int, assets=None, progress: ProgressFn = no_progress):
 def run_curves(max_iterations: int = 10, prompt_counts=(1, 3, 5), progress: ProgressFn = no_progress) -> dict:
     """Held-out noise error of 2 merged LoRAs against IterIS iterations (every iterate,
     not only the kept one) and against calibration prompts per LoRA (IterIS and RegMean)."""
-    from .demo_model import demo_assets
-    from .iterate import IterISConfig, run_iteris
+    from iteris_demo.model import demo_assets
+    from iteris_sd.merge.iterate import IterISConfig, run_iteris
 
     assets = demo_assets(progress)
     prob, backend, refs, cal = calibrated(2, assets, progress)
@@ -281,7 +282,7 @@ def run_bench(counts=(2, 3, 4), iterations: int = 5, out_dir: str = "out/bench")
     results = {}
     for job in [*(str(n) for n in counts), "curves"]:
         path = out / f"{job}.json"
-        subprocess.run([sys.executable, "-m", "iteris_sd.bench", job, str(iterations), str(path)], check=True)
+        subprocess.run([sys.executable, "-m", "iteris_demo.bench", job, str(iterations), str(path)], check=True)
         results[job] = json.loads(path.read_text())
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     sections = []
@@ -297,7 +298,7 @@ def run_bench(counts=(2, 3, 4), iterations: int = 5, out_dir: str = "out/bench")
     return text
 
 
-if __name__ == "__main__":  # one job of run_bench: python -m iteris_sd.bench {N|curves} ITERATIONS OUT.json
+if __name__ == "__main__":  # one job of run_bench: python -m iteris_demo.bench {N|curves} ITERATIONS OUT.json
     job, iterations, path = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     torch.manual_seed(0)
     data = run_curves() if job == "curves" else measure(int(job), iterations).result

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .progress import ProgressFn, no_progress
+from iteris_sd.progress import ProgressFn, no_progress
 
 # gen -> (x0 (b, C, h, w), prompts)
 DataFn = Callable[[torch.Generator], tuple[Tensor, list[str]]]
@@ -168,8 +168,8 @@ def write_lora(path: Path, params: dict[str, tuple[Tensor, Tensor]], targets: di
                components: dict[str, nn.Module], rank: int, alpha: float, metadata: dict[str, str],
                dtype: str = "fp32") -> Path:
     """Write ``train_lora``'s result as a kohya LoRA file for an SD1-architecture model."""
-    from .formats import write_kohya
-    from .keymap import build_keymap
+    from iteris_sd.lora.formats import write_kohya
+    from iteris_sd.lora.keymap import build_keymap
 
     keymap = build_keymap(components, "sd1")
     layers = {}

@@ -1,5 +1,5 @@
 """The trained demo model: a tiny pixel-space SD1-architecture text-to-image model on the
-synthetic shapes of `iteris_sd.shapes`, its four concept LoRAs and the attribute detector.
+synthetic shapes of `iteris_demo.shapes`, its four concept LoRAs and the attribute detector.
 
 The base model is trained in two phases. It first learns to draw on SD1.x's own noise
 schedule (epsilon prediction). That schedule ends at sqrt(abar_T) = 0.07: on a 32 px picture
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from . import shapes
-from .progress import ProgressFn, no_progress
+from iteris_demo import shapes
+from iteris_sd.progress import ProgressFn, no_progress
 
 ASSETS = Path(__file__).parent / "assets" / "shapes32"
 VERSION = "shapes32-v3"
@@ -50,7 +50,7 @@ def demo_assets(progress: ProgressFn = no_progress) -> DemoAssets:
     once into $ITERIS_SD_CACHE from the fixed seeds."""
     folder = ASSETS
     if not (folder / "train_log.json").is_file():
-        from .tiny import cache_root
+        from iteris_demo.tiny import cache_root
 
         folder = cache_root() / VERSION
         if not (folder / "train_log.json").is_file():
@@ -63,7 +63,7 @@ def word_tokenizer():
     """A CLIP BPE tokenizer over bytes whose merges make every caption word one token."""
     from transformers import CLIPTokenizer
 
-    from .tiny import tiny_tokenizer
+    from iteris_demo.tiny import tiny_tokenizer
 
     vocab = dict(tiny_tokenizer().get_vocab())
     merges: list[tuple[str, str]] = []
@@ -140,8 +140,8 @@ def build_demo_assets(folder: Path, base_steps: int = BASE_STEPS, lora_steps: in
     temporary name and renamed when complete). ``pretrained`` is a base folder saved by an
     earlier build after its first phase (or a shapes32-v1 base): the first phase is then
     read from it instead of trained again."""
-    from .detect import train_detector
-    from .train import load_parts, train_base
+    from iteris_demo.detect import train_detector
+    from iteris_demo.train import load_parts, train_base
 
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -181,7 +181,7 @@ def train_demo_loras(folder: Path, lora_steps: int = LORA_STEPS, seed: int = 0,
                      progress: ProgressFn = no_progress) -> dict:
     """Train each concept LoRA on ``folder``/base (the fp16 weights users get) into
     ``folder``/lora_<trigger>.safetensors; returns their training record."""
-    from .train import load_parts, lora_targets, train_lora, write_lora
+    from iteris_demo.train import load_parts, lora_targets, train_lora, write_lora
 
     unet, te, tok, sched = load_parts(folder / "base")
     log = {}
@@ -253,11 +253,11 @@ def check_assets(assets: DemoAssets, n_prompts: int = 24, seed: int = 5, cfg: fl
     the colour, shape, position and background its prompts ask for, and, per concept, how
     often it appears with its LoRA and without it on the benchmark's held-out prompts; and
     the text encoder's separation of each attribute's words (`text_separation`)."""
-    from .bench import EVALUATION, problem
-    from .detect import concept_present, load_detector, read_attributes
-    from .diffusers_backend import load_backend
-    from .formats import read_lora
-    from .pipeline import concept_deltas
+    from iteris_demo.bench import EVALUATION, problem
+    from iteris_demo.detect import concept_present, load_detector, read_attributes
+    from iteris_sd.backends.diffusers import load_backend
+    from iteris_sd.lora.formats import read_lora
+    from iteris_sd.app.pipeline import concept_deltas
 
     detector = load_detector(assets.detector)
     settings = replace(EVALUATION, seeds=2, cfg=EVALUATION.cfg if cfg is None else cfg)
@@ -285,7 +285,7 @@ def text_separation(text_encoder, tokenizer, scenes: list[shapes.Scene]) -> dict
     a caption changes (to the next value of the attribute): the mean over ``scenes`` of
     ||E(caption) - E(changed caption)||_F / ||E(caption)||_F. Near 0, the UNet cannot tell
     the words apart, whatever it learned."""
-    from .train import encode
+    from iteris_demo.train import encode
 
     out = {}
     with torch.no_grad():

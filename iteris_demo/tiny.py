@@ -3,9 +3,9 @@
 The end-to-end, failure and ComfyUI-free tests need a model in seconds, with a VAE and every
 kind of layer a real LoRA touches, so they build (once, then cache) a tiny diffusers pipeline
 with random weights and a real offline BPE tokenizer, and train a few concept LoRAs on it with
-`iteris_sd.train`'s loop: diffusion loss on the concept's latent pattern for prompts with its
+`iteris_demo.train`'s loop: diffusion loss on the concept's latent pattern for prompts with its
 trigger word, plus prior preservation on prompts without it. (The demo and the benchmark use
-the trained model of `iteris_sd.demo_model` instead.)
+the trained model of `iteris_demo.model` instead.)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .progress import ProgressFn, no_progress
+from iteris_sd.progress import ProgressFn, no_progress
 
 TINY_VERSION = "tiny-sd1-v2"
 RESOLUTION = 32  # pixels; the tiny VAE downsamples by 2, so latents are 16 x 16
@@ -121,7 +121,7 @@ def build_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
 def train_concept_lora(base: Path, concept: TinyConcept, out_path: Path, steps: int = 200, seed: int = 0,
                        progress: ProgressFn = no_progress) -> Path:
     """Train one concept LoRA on the tiny model and write it as a kohya file."""
-    from .train import load_parts, lora_targets, train_lora, write_lora
+    from iteris_demo.train import load_parts, lora_targets, train_lora, write_lora
 
     unet, te, tok, sched = load_parts(base)
     targets = lora_targets(unet, te, concept.convs)

@@ -27,12 +27,14 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from .solve import RIDGE_TARGETS
+from ..backends.calibration import SAMPLERS, CalibrationSettings
+from ..merge.plan import BUDGET_RE
+from ..merge.solve import RIDGE_TARGETS
 
 __all__ = [
     "RecipeError",
     "LoraSpec",
-    "CalibrationSpec",
+    "CalibrationSettings",
     "Recipe",
     "FieldInfo",
     "REQUIRED",
@@ -49,13 +51,9 @@ __all__ = [
 ]
 
 METHODS = ("iteris", "regmean", "stack", "linear", "concat", "svd", "ties", "dare")
-SAMPLERS = ("ddim", "euler", "dpmpp_2m")
 DTYPES = ("fp16", "bf16", "fp32")
 _DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
 _SOLVE_DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+")
-# A memory size: "auto", "none", bytes, or a number with a unit (kB MB GB TB, KiB MiB GiB TiB)
-BUDGET_RE = re.compile(r"\s*(auto|none|(\d+(\.\d*)?|\.\d+)([eE]\d+)?\s*(b|k|kb|m|mb|g|gb|t|tb|kib|mib|gib|tib)?)\s*",
-                       re.IGNORECASE)
 
 
 class RecipeError(ValueError):
@@ -105,23 +103,6 @@ class LoraSpec:
     held_out_prompts: list[str] = _f("Prompts used only to evaluate the merge, never to "
                                      "calibrate it; each must differ from every prompt "
                                      "in `prompts`.", [])
-
-
-@dataclass(kw_only=True)
-class CalibrationSpec:
-    """The ``[calibration]`` table: how each LoRA's calibration trajectory is sampled."""
-
-    steps: int = _f("Sampling steps of each LoRA's calibration trajectory (>= 1).", 8, ge=1)
-    resolution: int = _f("Image size in pixels of the calibration samples (a multiple of "
-                         "8, >= 16).", 512, ge=16, multiple_of=8)
-    cfg: float = _f("Classifier-free guidance scale of the calibration samples (>= 1.0).",
-                    5.0, ge=1.0)
-    sampler: str = _f("Sampler of the calibration trajectory: " + ", ".join(SAMPLERS) + ".",
-                      "ddim", choices=SAMPLERS)
-    timesteps: int = _f("How many of the trajectory's steps are captured (1 .. steps).",
-                        4, ge=1)
-    negative_prompt: str = _f("Negative prompt of the calibration samples.", "")
-    seeds: int = _f("Noise seeds per prompt (>= 1).", 1, ge=1)
 
 
 @dataclass(kw_only=True)
@@ -178,7 +159,7 @@ class Recipe:
     solve_device: str = _f("Device of the float64 solves: auto (where the statistics are; the CPU on "
                            "mps), cpu, cuda or cuda:N.", "auto", pattern=_SOLVE_DEVICE_RE,
                            expected="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    calibration: CalibrationSpec = _f("The [calibration] table.", CalibrationSpec())
+    calibration: CalibrationSettings = _f("The [calibration] table.", CalibrationSettings())
     lora: list[LoraSpec] = _f("The [[lora]] tables: the LoRAs to merge (at least 1).",
                               min_items=1)
 
@@ -478,9 +459,9 @@ def _parse_loras(data: Any, path: str, ctx: _Ctx) -> list[LoraSpec]:
     return loras
 
 
-def _parse_calibration(data: Any, path: str, ctx: _Ctx) -> CalibrationSpec:
+def _parse_calibration(data: Any, path: str, ctx: _Ctx) -> CalibrationSettings:
     """The [calibration] table, including timesteps <= steps."""
-    spec = CalibrationSpec(**_parse_fields(data, CalibrationSpec, path, ctx))
+    spec = CalibrationSettings(**_parse_fields(data, CalibrationSettings, path, ctx))
     if spec.timesteps > spec.steps:
         raise ctx.error(f"{path}.timesteps", f"must be between 1 and {path}.steps "
                         f"({spec.steps}), got {spec.timesteps}")
@@ -565,8 +546,8 @@ def _overridable() -> dict[str, tuple[type, dataclasses.Field]]:
     out = {}
     for f in dataclasses.fields(Recipe):
         if f.name == "calibration":
-            for g in dataclasses.fields(CalibrationSpec):
-                out[f"calibration.{g.name}"] = (CalibrationSpec, g)
+            for g in dataclasses.fields(CalibrationSettings):
+                out[f"calibration.{g.name}"] = (CalibrationSettings, g)
         elif f.name != "lora":
             out[f.name] = (Recipe, f)
     return out
@@ -600,7 +581,7 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, object]) -> Recipe:
         if "kind" in f.metadata:
             ctx.path_bases[key] = Path.cwd()
         ctx.labels[key] = flag
-        target = data["calibration"] if cls is CalibrationSpec else data
+        target = data["calibration"] if cls is CalibrationSettings else data
         target[f.name] = value
     return _parse(data, ctx)
 
@@ -633,7 +614,7 @@ def recipe_fields() -> list[FieldInfo]:
     out = []
     for f in dataclasses.fields(Recipe):
         if f.name in ("calibration", "lora"):
-            cls = CalibrationSpec if f.name == "calibration" else LoraSpec
+            cls = CalibrationSettings if f.name == "calibration" else LoraSpec
             prefix = "calibration." if f.name == "calibration" else "lora[]."
             hints = _hints(cls)
             for g in dataclasses.fields(cls):

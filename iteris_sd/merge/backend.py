@@ -3,7 +3,7 @@
 A backend owns a base model and the calibration data of each concept (its prompts, and the
 latents, timesteps and conditioning of a short trajectory sampled with that LoRA alone).
 It applies sets of low-rank deltas to its modules and reports each targeted layer's inputs.
-The diffusers backend is `iteris_sd.diffusers_backend`; a ComfyUI one lives in the nodes.
+The diffusers backend is `iteris_sd.backends.diffusers`; a ComfyUI one lives in the nodes.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from typing import Callable, Collection, Protocol
 
 from torch import Tensor
 
-from .lora import LoraFile, LoraLayer
-from .progress import ProgressFn
-from .stats import ConvGeometry
+from ..lora.layer import LoraFile, LoraLayer
+from ..progress import ProgressFn
+from .layers import ConvGeometry, Factors
 
-Factors = tuple[Tensor, Tensor]
 # module id -> (U, Z): the flattened weight change U @ Z, U (d_out, R), Z (R, d_in)
 Deltas = dict[str, Factors]
 # (module id, X rows of the reference model, X~ rows of the merged model or None)

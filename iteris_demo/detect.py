@@ -1,5 +1,5 @@
 """The concept-presence check of the benchmark: a small CNN that reads a (3, 32, 32) picture
-of `iteris_sd.shapes` and names its shape, colour, position, and whether it is striped
+of `iteris_demo.shapes` and names its shape, colour, position, and whether it is striped
 (zwx) and on a checkerboard (qpr). The plain background (white, gray, black) is read from
 the picture's border pixels, with no network.
 
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import shapes
-from .progress import ProgressFn, no_progress
+from iteris_demo import shapes
+from iteris_sd.progress import ProgressFn, no_progress
 
 HEADS = {"shape": shapes.SHAPES, "colour": tuple(shapes.COLOURS), "position": tuple(shapes.POSITIONS),
          "striped": (False, True), "checker": (False, True)}

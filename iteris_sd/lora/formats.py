@@ -28,7 +28,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from .lora import LoraFile, LoraLayer
+from .layer import LoraFile, LoraLayer
 
 
 class LoraFormatError(ValueError):

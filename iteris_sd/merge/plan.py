@@ -36,12 +36,12 @@ with `MergeOutOfMemory` naming a budget that would have been planned to fit.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from .recipe import BUDGET_RE
 from .stats import gram_bytes, sample_bytes
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -50,7 +50,9 @@ F32, F64 = 4, 8
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": KiB, "mib": MiB, "gib": GiB, "tib": 1 << 40}
-BUDGET_PATTERN = BUDGET_RE
+# A memory size: "auto", "none", bytes, or a number with a unit (kB MB GB TB, KiB MiB GiB TiB)
+BUDGET_RE = re.compile(r"\s*(auto|none|(\d+(\.\d*)?|\.\d+)([eE]\d+)?\s*(?P<unit>b|k|kb|m|mb|g|gb|t|tb|kib|mib|gib|tib)?)\s*",
+                       re.IGNORECASE)
 
 
 class MergeOutOfMemory(MemoryError):
@@ -79,11 +81,11 @@ def parse_budget(value) -> int | str | None:
     text = str(value).strip().lower()
     if text in ("auto", "none"):
         return None if text == "none" else "auto"
-    m = BUDGET_PATTERN.fullmatch(text)
+    m = BUDGET_RE.fullmatch(text)
     if m is None:
         raise ValueError(f"memory budget: expected 'auto', 'none' or a size such as '6GiB' or '800MB', got {value!r}")
-    number = float(text[: len(text) - len(m.group(5) or "")].strip())
-    size = int(number * _UNITS[(m.group(5) or "").lower()])
+    number = float(text[: len(text) - len(m["unit"] or "")].strip())
+    size = int(number * _UNITS[(m["unit"] or "").lower()])
     if size <= 0:
         raise ValueError(f"memory budget: expected a positive size, got {value!r}")
     return size

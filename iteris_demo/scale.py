@@ -3,7 +3,7 @@ LoRAs, the prompts per LoRA and the model size, split into forward passes, stati
 solves.
 
 Models are built in code with random weights (nothing is downloaded): ``tiny`` (the embedded
-tiny SD1 model of `iteris_sd.tiny`), ``sd15`` (Stable Diffusion 1.5's UNet and CLIP ViT-L/14
+tiny SD1 model of `iteris_demo.tiny`), ``sd15`` (Stable Diffusion 1.5's UNet and CLIP ViT-L/14
 text encoder architectures) and ``sdxl`` (SDXL's UNet and both text encoders; for
 `scripts/gpu_scale.py`). LoRAs are random, of rank 8, on every attention projection of the
 UNet (attn1/attn2 to_q, to_k, to_v, to_out.0). Each model runs in its own process so its
@@ -36,7 +36,7 @@ SUBJECTS = ("a cat", "a house by the sea", "a portrait of a woman", "a red car",
 
 
 def _tokenizer():
-    from .tiny import tiny_tokenizer
+    from iteris_demo.tiny import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -94,7 +94,7 @@ def tiny_components(dtype=torch.float32, device="cpu") -> dict:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from .tiny import build_tiny_pipeline, cache_dir
+    from iteris_demo.tiny import build_tiny_pipeline, cache_dir
 
     base = cache_dir() / "base"
     if not (base / "model_index.json").is_file():
@@ -171,9 +171,10 @@ def measure(components: dict, n_loras: int, n_prompts: int, resolution: int, ite
             timesteps: int = 1, budget="auto", device="cpu", rank: int = 8) -> dict:
     """One IterIS merge of ``n_loras`` random LoRAs with ``n_prompts`` prompts each; its
     timings (seconds), peak memory above the loaded model (bytes) and plan."""
-    from .diffusers_backend import CalibrationSettings, DiffusersBackend
-    from .iterate import CalibrationStats, IterISConfig, run_iteris
-    from .plan import plan_merge
+    from iteris_sd.backends.calibration import CalibrationSettings
+    from iteris_sd.backends.diffusers import DiffusersBackend
+    from iteris_sd.merge.iterate import CalibrationStats, IterISConfig, run_iteris
+    from iteris_sd.merge.plan import plan_merge
 
     device = torch.device(device)
     settings = CalibrationSettings(steps=steps, timesteps=timesteps, resolution=resolution, cfg=5.0)
@@ -244,7 +245,7 @@ def run_scale(models=("tiny", "sd15"), loras=(2, 4, 8), prompt_counts=(1, 3, 5),
     machine); writes scale.json and scale.md under out_dir."""
     rows = []
     for model in models:
-        cmd = [sys.executable, "-m", "iteris_sd.scale", model, ",".join(map(str, loras)),
+        cmd = [sys.executable, "-m", "iteris_demo.scale", model, ",".join(map(str, loras)),
                ",".join(map(str, prompt_counts)), str(resolution), str(iterations), str(budget), str(threads),
                str(int(full_grid))]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False,

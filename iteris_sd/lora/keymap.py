@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from .lora import LoraFile, LoraLayer
+from .layer import LoraFile, LoraLayer
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}

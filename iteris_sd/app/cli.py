@@ -17,7 +17,7 @@ from pathlib import Path
 from .recipe import EXAMPLE_RECIPE, REQUIRED, recipe_fields
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, FloatingPointError,
-               MemoryError)  # MemoryError: iteris_sd.plan.MergeOutOfMemory, whose message names a budget
+               MemoryError)  # MemoryError: iteris_sd.merge.plan.MergeOutOfMemory, whose message names a budget
 
 
 class TqdmProgress:
@@ -105,14 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         print(EXAMPLE_RECIPE)
         return 0
     if args.command == "scale":
-        from .scale import run_scale
+        from iteris_demo.scale import run_scale
 
         print(run_scale(args.models.split(","), [int(v) for v in args.loras.split(",")],
                         [int(v) for v in args.prompts.split(",")], args.resolution, args.iterations,
                         args.memory_budget, args.out, args.threads, args.full_grid))
         return 0
     if args.command == "bench":
-        from .bench import run_bench
+        from iteris_demo.bench import run_bench
 
         print(run_bench([int(v) for v in args.loras.split(",")], args.iterations, args.out))
         return 0
@@ -193,8 +193,8 @@ def _quiet_library_output() -> None:
 
 
 def _demo(args, progress) -> int:
-    from .bench import markdown
-    from .demo import run_demo
+    from iteris_demo.bench import markdown
+    from iteris_demo.run import run_demo
 
     m = run_demo(args.loras, args.iterations, args.out, progress)
     progress.close()

@@ -1,7 +1,7 @@
 """The diffusers backend: SD1.x / SD2.x (UNet2DConditionModel + CLIPTextModel) and SDXL
 (two text encoders), calibrated in latent space (no VAE is needed).
 
-Deltas are applied by forward hooks (`iteris_sd.hooks`), never written into the weights, so
+Deltas are applied by forward hooks (`iteris_sd.backends.hooks`), never written into the weights, so
 X (the LoRA-i model) and X~ (the merged model) are captured in one forward call, row for row.
 """
 
@@ -16,26 +16,13 @@ from typing import Collection
 import torch
 from torch import Tensor, nn
 
-from .backend import Deltas, InputSink, Target, spread
+from ..merge.backend import Deltas, InputSink, Target, spread
+from .calibration import CalibrationSettings
 from .hooks import hooked
-from .keymap import KeyMap, build_keymap, detect_family
-from .lora import LoraFile, LoraLayer
-from .progress import ProgressFn, no_progress
-from .recipe import SAMPLERS
-from .stats import ConvGeometry
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """How each LoRA's calibration trajectory is sampled and which of its steps are captured."""
-
-    steps: int = 8
-    timesteps: int = 4
-    resolution: int = 512
-    cfg: float = 5.0
-    sampler: str = "ddim"
-    negative_prompt: str = ""
-    seeds: int = 1
+from ..lora.keymap import KeyMap, build_keymap, detect_family
+from ..lora.layer import LoraFile, LoraLayer
+from ..progress import ProgressFn, no_progress
+from ..merge.layers import ConvGeometry
 
 
 @dataclass
@@ -60,8 +47,6 @@ class DiffusersBackend:
         seed: int = 0,
         vae_scale_factor: int = 8,
     ):
-        if settings.sampler not in SAMPLERS:
-            raise ValueError(f"calibration sampler {settings.sampler!r}: use one of {', '.join(SAMPLERS)}")
         self.unet = unet
         self.text_encoders = text_encoders
         self.tokenizers = tokenizers

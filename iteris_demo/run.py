@@ -1,5 +1,5 @@
 """`python -m iteris_sd demo`: merge concept LoRAs of the trained demo model with IterIS,
-measure every baseline in the same run (see `iteris_sd.bench`), and draw a picture grid.
+measure every baseline in the same run (see `iteris_demo.bench`), and draw a picture grid.
 
 Writes merged.safetensors, grid.png, report.json and report.md into the output folder.
 """
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .bench import Measured, markdown, measure, references_by_name
-from .pipeline import write_merged
-from .progress import ProgressFn, no_progress
+from iteris_demo.bench import Measured, markdown, measure, references_by_name
+from iteris_sd.app.pipeline import write_merged
+from iteris_sd.progress import ProgressFn, no_progress
 
 GRID_METHODS = ("stack", "linear", "svd", "ties", "regmean", "iteris")
 CELL = 96  # pixels per picture in the grid (each 32 x 32 sample scaled 3x)

@@ -18,14 +18,14 @@ from typing import Callable, Sequence
 import safetensors
 import torch
 
-from . import baselines
-from .backend import Backend, Deltas
-from .formats import kohya_metadata, read_lora, write_kohya
-from .iterate import CalibrationStats, IterationRecord, IterISConfig, run_iteris
-from .lora import LoraFile
-from .lowrank import balance, truncate
-from .plan import Plan, plan_merge
-from .progress import ProgressFn, no_progress
+from ..merge import weight_space
+from ..merge.backend import Backend, Deltas
+from ..lora.formats import kohya_metadata, read_lora, write_kohya
+from ..merge.iterate import CalibrationStats, IterationRecord, IterISConfig, run_iteris
+from ..lora.layer import LoraFile
+from ..lora.lowrank import balance, truncate
+from ..merge.plan import Plan, plan_merge
+from ..progress import ProgressFn, no_progress
 from .recipe import Recipe, check_value, recipe_to_dict
 
 DATA_METHODS = ("iteris", "regmean")
@@ -48,7 +48,7 @@ class MergeOptions:
     density: float = 0.5
     seed: int = 0
     adaptive_weights: bool = True
-    # Memory (see iteris_sd.plan): budget in bytes, a size string ("6GiB"), "auto" (the
+    # Memory (see iteris_sd.merge.plan): budget in bytes, a size string ("6GiB"), "auto" (the
     # device's free memory less a margin) or None (no limit); the planner's choices, overridable.
     memory_budget: int | str | None = "auto"
     chunk_layers: int | None = None
@@ -259,7 +259,7 @@ def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress, score_new_see
 
     With ``score_new_seed`` every method is also scored on the calibration prompts with a
     seed calibration never saw (in-distribution generalisation)."""
-    from .diffusers_backend import CalibrationSettings, load_backend
+    from ..backends.diffusers import load_backend
 
     sources = [("base", recipe.base)] + [(f"lora[{i}].path", s.path) for i, s in enumerate(recipe.lora)]
     for field_name, path in sources:  # never let overwrite = true destroy an input
@@ -269,9 +269,8 @@ def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress, score_new_see
     if Path(recipe.output).exists() and not recipe.overwrite:  # say so before minutes of work
         raise FileExistsError(f"{recipe.output}: already exists; set overwrite = true (or --overwrite true) to replace it")
     loras = [read_lora(s.path, s.strength, s.name) for s in recipe.lora]
-    settings = CalibrationSettings(**asdict(recipe.calibration))
     try:
-        backend = load_backend(recipe.base, [s.prompts for s in recipe.lora], settings, recipe.seed,
+        backend = load_backend(recipe.base, [s.prompts for s in recipe.lora], recipe.calibration, recipe.seed,
                                recipe.device, recipe.base_config)
     except (ValueError, FileNotFoundError):
         raise
@@ -308,16 +307,16 @@ def _weight_merge(name: str, problems, options: MergeOptions) -> tuple[Deltas, d
     for m, p in problems.items():
         present = [f for f in p.factors if f is not None]
         if name in ("stack", "concat"):
-            merged = getattr(baselines, name)(p.factors)
+            merged = getattr(weight_space, name)(p.factors)
         elif name == "linear":
-            merged = baselines.linear(p.factors)
+            merged = weight_space.linear(p.factors)
         elif name == "svd":
-            merged = baselines.svd(p.factors, options.rank or max(f[0].shape[1] for f in present))
+            merged = weight_space.svd(p.factors, options.rank or max(f[0].shape[1] for f in present))
         elif name in ("ties", "dare"):
             rank = options.rank or sum(f[0].shape[1] for f in present)
             # a seed per layer, so layers of one shape do not share a DARE mask
             kwargs = {"seed": options.seed + zlib.crc32(m.encode())} if name == "dare" else {}
-            merged = getattr(baselines, name)(p.factors, rank, options.density, **kwargs)
+            merged = getattr(weight_space, name)(p.factors, rank, options.density, **kwargs)
         else:
             raise ValueError(f"unknown merge method {name!r}")
         deltas[m] = (merged.U, merged.Z)

@@ -30,42 +30,9 @@ import zlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 F64 = torch.float64
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """What is needed to unfold a Conv2d's input into patches (rows of d_in = C_in*kh*kw)."""
-
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-
-    @classmethod
-    def of(cls, module: nn.Module) -> ConvGeometry | None:
-        """A Conv2d's geometry; None for any other layer (a linear one)."""
-        if not isinstance(module, nn.Conv2d):
-            return None
-        return cls(tuple(module.kernel_size), tuple(module.stride), tuple(module.padding), tuple(module.dilation))
-
-
-def layer_rows(x: Tensor, conv: ConvGeometry | None) -> Tensor:
-    """A layer's input as a matrix of rows (n, d_in).
-
-    Linear: (..., d_in) -> (n, d_in). Conv2d: (b, C, H, W) -> the unfolded patches
-    (b * L, C * kh * kw), in the order of `weight.reshape(d_out, -1)`, so that
-    conv(x, W) == rows @ W.reshape(d_out, -1).T for each output position.
-    """
-    if conv is None:
-        return x.reshape(-1, x.shape[-1])
-    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0):
-        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    patches = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
 def _normal_zeros(*shape, dtype, device) -> Tensor:

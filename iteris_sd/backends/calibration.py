@@ -1,0 +1,28 @@
+"""How each LoRA's calibration trajectory is sampled: one settings class for the diffusers
+backend, the recipe's ``[calibration]`` table and the CLI's ``--calibration.*`` flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..settings import check_settings, setting
+
+SAMPLERS = ("ddim", "euler", "dpmpp_2m")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationSettings:
+    """The sampled trajectory per prompt and seed, and which of its steps are captured."""
+
+    steps: int = setting("Sampling steps of each LoRA's calibration trajectory (>= 1).", 8, ge=1)
+    resolution: int = setting("Image size in pixels of the calibration samples (a multiple of 8, >= 16).",
+                              512, ge=16, multiple_of=8)
+    cfg: float = setting("Classifier-free guidance scale of the calibration samples (>= 1.0).", 5.0, ge=1.0)
+    sampler: str = setting("Sampler of the calibration trajectory: " + ", ".join(SAMPLERS) + ".", "ddim",
+                           choices=SAMPLERS)
+    timesteps: int = setting("How many of the trajectory's steps are captured (1 .. steps).", 4, ge=1)
+    negative_prompt: str = setting("Negative prompt of the calibration samples.", "")
+    seeds: int = setting("Noise seeds per prompt (>= 1).", 1, ge=1)
+
+    def __post_init__(self) -> None:
+        check_settings(self, "CalibrationSettings")
