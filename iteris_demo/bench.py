@@ -24,13 +24,15 @@ import torch
 from iteris_demo import shapes
 from iteris_sd.merge.backend import Deltas
 from iteris_demo.detect import concept_present, load_detector, read_attributes
+from iteris_demo.model import demo_assets
 from iteris_sd.backends.calibration import CalibrationSettings
 from iteris_sd.backends.diffusers import DiffusersBackend, load_backend
-from iteris_sd.lora.formats import read_lora
+from iteris_sd.lora.read import read_lora
 from iteris_sd.lora.layer import LoraFile
-from iteris_sd.app.pipeline import MergeOptions, MergeReport, identical_deltas, merge_loras, noise_errors, peak_memory_bytes
+from iteris_sd.merge.options import MergeOptions
+from iteris_sd.app.pipeline import MergeReport, identical_deltas, merge_loras, noise_errors, peak_memory_bytes
 from iteris_sd.progress import ProgressFn, no_progress
-from iteris_sd.app.recipe import METHODS
+from iteris_sd.merge.methods import METHOD_NAMES
 
 # CFG 2: the zero-terminal-SNR demo model over-saturates at higher scales (colours and
 # backgrounds drift; `scripts/train_demo_model.py --check --cfg 4` measures it)
@@ -164,17 +166,16 @@ class Measured:
     evaluation: Evaluation
 
 
-def measure(n_loras: int, iterations: int = 5, n_prompts: int = 3, progress: ProgressFn = no_progress,
+def measure(n_loras: int, iterations: int = MergeOptions.iterations, n_prompts: int = 3, progress: ProgressFn = no_progress,
             assets=None) -> Measured:
     """Merge the first n concept LoRAs with every method (IterIS first) and measure each;
     ``assets`` (a DemoAssets) defaults to the shipped demo model."""
-    from iteris_demo.model import demo_assets
 
     assets = assets or demo_assets(progress)
     prob = problem(n_loras, n_prompts)
     loras = [read_lora(p) for p in assets.loras[:n_loras]]
     backend = demo_backend(assets, prob.calibration)
-    methods = ["iteris"] + [m for m in METHODS if m != "iteris"]
+    methods = ["iteris"] + [m for m in METHOD_NAMES if m != "iteris"]
     t0 = time.perf_counter()
     report = merge_loras(backend, loras, methods, MergeOptions(iterations=iterations, memory_budget=None), progress)
     merge_seconds = time.perf_counter() - t0
@@ -199,8 +200,7 @@ def calibrated(n_loras: int, assets=None, progress: ProgressFn = no_progress):
     """(problem, backend, per-LoRA deltas, CalibrationStats with the references captured) for
     the first n concept LoRAs of ``assets`` (default: the demo model): what IterIS variants
     start from."""
-    from iteris_demo.model import demo_assets
-    from iteris_sd.merge.iterate import CalibrationStats
+    from iteris_sd.merge.calibration import CalibrationStats
     from iteris_sd.app.pipeline import concept_deltas
 
     assets = assets or demo_assets(progress)
@@ -215,7 +215,6 @@ def calibrated(n_loras: int, assets=None, progress: ProgressFn = no_progress):
 def run_curves(max_iterations: int = 10, prompt_counts=(1, 3, 5), progress: ProgressFn = no_progress) -> dict:
     """Held-out noise error of 2 merged LoRAs against IterIS iterations (every iterate,
     not only the kept one) and against calibration prompts per LoRA (IterIS and RegMean)."""
-    from iteris_demo.model import demo_assets
     from iteris_sd.merge.iterate import IterISConfig, run_iteris
 
     assets = demo_assets(progress)

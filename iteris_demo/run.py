@@ -13,13 +13,14 @@ import torch
 
 from iteris_demo.bench import Measured, markdown, measure, references_by_name
 from iteris_sd.app.pipeline import write_merged
+from iteris_sd.merge.options import MergeOptions
 from iteris_sd.progress import ProgressFn, no_progress
 
 GRID_METHODS = ("stack", "linear", "svd", "ties", "regmean", "iteris")
 CELL = 96  # pixels per picture in the grid (each 32 x 32 sample scaled 3x)
 
 
-def run_demo(n_loras: int = 2, iterations: int = 5, out_dir: str = "out/demo",
+def run_demo(n_loras: int = 2, iterations: int = MergeOptions.iterations, out_dir: str = "out/demo",
              progress: ProgressFn = no_progress, assets=None) -> Measured:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -173,7 +173,8 @@ def measure(components: dict, n_loras: int, n_prompts: int, resolution: int, ite
     timings (seconds), peak memory above the loaded model (bytes) and plan."""
     from iteris_sd.backends.calibration import CalibrationSettings
     from iteris_sd.backends.diffusers import DiffusersBackend
-    from iteris_sd.merge.iterate import CalibrationStats, IterISConfig, run_iteris
+    from iteris_sd.merge.calibration import CalibrationStats
+    from iteris_sd.merge.iterate import IterISConfig, run_iteris
     from iteris_sd.merge.plan import plan_merge
 
     device = torch.device(device)

@@ -168,7 +168,7 @@ def write_lora(path: Path, params: dict[str, tuple[Tensor, Tensor]], targets: di
                components: dict[str, nn.Module], rank: int, alpha: float, metadata: dict[str, str],
                dtype: str = "fp32") -> Path:
     """Write ``train_lora``'s result as a kohya LoRA file for an SD1-architecture model."""
-    from iteris_sd.lora.formats import write_kohya
+    from iteris_sd.lora.write import write_kohya
     from iteris_sd.lora.keymap import build_keymap
 
     keymap = build_keymap(components, "sd1")

@@ -2,7 +2,9 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from .merge_nodes import LoraEntryNode, MergeNode, SaveLoraNode
+from .lora_entry import LoraEntryNode
+from .merge import MergeNode
+from .save_lora import SaveLoraNode
 
 
 class IterISExtension(ComfyExtension):

@@ -30,8 +30,9 @@ import comfy.model_patcher
 import comfy.sample
 import comfy.weight_adapter
 
-from ..iteris_sd.merge.backend import Deltas, InputSink, Target, spread
-from ..iteris_sd.lora.formats import LoraFormatError
+from ..iteris_sd.merge.backend import Deltas, InputSink, Target
+from ..iteris_sd.lora.read import LoraFormatError
+from ..iteris_sd.backends.calibration import CalibrationSettings, spread
 from ..iteris_sd.backends.hooks import hooked
 from ..iteris_sd.lora.keymap import KeyMismatchError
 from ..iteris_sd.lora.layer import LoraFile, LoraLayer
@@ -45,11 +46,11 @@ class ComfyCalibration:
 
     sampler: str = "euler"
     scheduler: str = "normal"
-    steps: int = 8
-    timesteps: int = 4  # model calls captured per prompt, spread over the trajectory
-    resolution: int = 512
-    cfg: float = 5.0
-    negative_prompt: str = ""
+    steps: int = CalibrationSettings.steps
+    timesteps: int = CalibrationSettings.timesteps  # model calls captured per prompt, spread over the trajectory
+    resolution: int = CalibrationSettings.resolution
+    cfg: float = CalibrationSettings.cfg
+    negative_prompt: str = CalibrationSettings.negative_prompt
     seed: int = 0
 
 

@@ -9,7 +9,7 @@ the budget. One command, a few minutes on a recent GPU:
 
 "peak VRAM" is torch.cuda.max_memory_allocated over the merge (model weights included);
 "above model" subtracts what was allocated when the merge started. The budget covers the
-merge's statistics and solves (see iteris_sd/plan.py); the model and its activations come
+merge's statistics and solves (see iteris_sd/merge/plan.py); the model and its activations come
 on top of it.
 """
 

@@ -20,13 +20,14 @@ from iteris_demo.bench import calibrated, evaluate  # noqa: E402
 from iteris_demo.model import demo_assets  # noqa: E402
 from iteris_demo.detect import load_detector  # noqa: E402
 from iteris_sd.merge.iterate import IterISConfig, run_iteris  # noqa: E402
+from iteris_sd.merge.regmean import regmean  # noqa: E402
 from iteris_sd.progress import no_progress  # noqa: E402
 
 
 def sweep(n_loras: int, values: list[float], targets: list[str]) -> dict[str, dict]:
     """Method label -> the bench's scores (noise, presence, combined_all, ...)."""
     prob, backend, refs, cal = calibrated(n_loras)
-    candidates = {"regmean": cal.regmean(backend)}
+    candidates = {"regmean": regmean(backend, cal)}
     for target in targets:
         for a in values:
             config = IterISConfig(regularization=a, ridge_target=target)

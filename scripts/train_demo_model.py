@@ -1,4 +1,4 @@
-"""Train the demo model, its concept LoRAs and the detector into iteris_sd/assets/shapes32.
+"""Train the demo model, its concept LoRAs and the detector into iteris_demo/assets/shapes32.
 
     .venv/bin/python scripts/train_demo_model.py            # ~2 hours on 2 CPU cores
     .venv/bin/python scripts/train_demo_model.py --out DIR --base-steps 20 --lora-steps 5
@@ -15,9 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from iteris_demo.check import check_assets  # noqa: E402
 from iteris_sd.app.cli import TqdmProgress  # noqa: E402
 from iteris_demo.model import (  # noqa: E402
-    ASSETS, BASE_STEPS, FINETUNE_STEPS, LORA_STEPS, build_demo_assets, check_assets, demo_assets)
+    ASSETS, BASE_STEPS, FINETUNE_STEPS, LORA_STEPS, build_demo_assets, demo_assets)
 
 
 def main() -> None:

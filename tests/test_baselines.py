@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from iteris_sd.merge.weight_space import WEIGHT_METHODS, LayerMerge, concat, dare, linear, stack, svd, ties
+from iteris_sd.merge.weight_space import LayerMerge, concat, dare, linear, stack, svd, ties
 
 # dW1 = B1 A1 = [[1, 0, -1], [2, 0, -2]],  dW2 = B2 A2 = [[0, 2, 0], [1, 1, 1]]
 B1, A1 = torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0, 0.0, -1.0]])
@@ -141,13 +141,6 @@ def test_dare_expectation_preserved():
     # per-entry std of one run is <= |sum of |tau_i|| <= 2.5; of the mean over 400, <= 0.125
     torch.testing.assert_close(runs.mean(dim=0), target, rtol=0, atol=0.5)
     assert runs.std(dim=0).max() > 0.1  # it really is random
-
-
-def test_registry():
-    assert set(WEIGHT_METHODS) == {"stack", "linear", "concat", "svd", "ties", "dare"}
-    f = [(B1, A1), (B2, A2)]
-    for name in ("svd", "ties", "dare"):
-        assert WEIGHT_METHODS[name](f, rank=2, weights=[1.0, 1.0]).U.shape[0] == 2
 
 
 def test_validation_errors_quote_the_value():

@@ -7,7 +7,7 @@ import pytest
 
 from iteris_demo.bench import curves_markdown, markdown
 from iteris_sd.app.cli import main
-from iteris_sd.app.recipe import METHODS
+from iteris_sd.merge.methods import METHOD_NAMES
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +23,12 @@ def test_demo_writes_the_lora_grid_and_report(demo, capsys):
     from PIL import Image
 
     from iteris_demo.run import CELL
-    from iteris_sd.lora.formats import read_lora
+    from iteris_sd.lora.read import read_lora
 
     code, out = demo
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["methods"]) == set(METHODS)
+    assert set(report["methods"]) == set(METHOD_NAMES)
     for scores in report["methods"].values():
         for metric in ("noise", "image", "presence", "combined", "calibration"):
             assert len(scores[metric]) == 2

@@ -1,4 +1,4 @@
-"""The shipped demo model, its concept LoRAs and the detector (iteris_sd/assets/shapes32),
+"""The shipped demo model, its concept LoRAs and the detector (iteris_demo/assets/shapes32),
 and the training code that makes them."""
 
 import json
@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from iteris_demo import shapes
-from iteris_demo.model import ASSETS, build_demo_assets, check_assets, demo_assets
+from iteris_demo.check import check_assets
+from iteris_demo.model import ASSETS, build_demo_assets, demo_assets
 from iteris_demo.detect import accuracy, load_detector
 from iteris_sd.backends.diffusers import load_backend
-from iteris_sd.lora.formats import read_lora
+from iteris_sd.lora.read import read_lora
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +98,7 @@ def test_each_lora_draws_its_concept_on_held_out_prompts_and_the_base_does_not(t
     assert shown["with LoRA"] >= 0.5 and shown["base"] == 0, shown
 
 
-def test_input_overlap_script_prints_the_table_the_readme_quotes():
+def test_input_overlap_script_prints_the_table_the_benchmark_page_quotes():
     import subprocess
     import sys
     from pathlib import Path
@@ -107,6 +108,6 @@ def test_input_overlap_script_prints_the_table_the_readme_quotes():
                          text=True, check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and "count" not in line]
     assert len(rows) == 6
-    readme = (root / "README.md").read_text()
+    page = (root / "docs" / "benchmark.md").read_text()
     for row in rows:
-        assert f"  {row}" in readme, row
+        assert f"  {row}" in page, row

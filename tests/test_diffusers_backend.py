@@ -5,7 +5,7 @@ import torch
 
 from iteris_sd.backends.calibration import CalibrationSettings
 from iteris_sd.backends.diffusers import load_backend
-from iteris_sd.lora.formats import read_lora
+from iteris_sd.lora.read import read_lora
 from iteris_sd.merge.iterate import IterISConfig, merge_iteris
 from iteris_sd.app.pipeline import concept_deltas
 
@@ -88,7 +88,8 @@ def test_stabilised_iteration_keeps_the_best_iterate(setup):
 
 
 def test_iteris_does_not_depend_on_methods_measured_before_it(setup):
-    from iteris_sd.app.pipeline import MergeOptions, merge_loras
+    from iteris_sd.app.pipeline import merge_loras
+    from iteris_sd.merge.options import MergeOptions
 
     backend, loras, _ = setup
     alone = merge_loras(backend, loras, ["iteris"], MergeOptions(iterations=1))
@@ -99,7 +100,8 @@ def test_iteris_does_not_depend_on_methods_measured_before_it(setup):
 
 
 def test_ridge_target_reaches_the_solve_through_merge_options(setup):
-    from iteris_sd.app.pipeline import MergeOptions, merge_loras
+    from iteris_sd.app.pipeline import merge_loras
+    from iteris_sd.merge.options import MergeOptions
 
     backend, loras, deltas = setup
     merged = {t: merge_loras(backend, loras, ["iteris"], MergeOptions(iterations=0, ridge_target=t)).results["iteris"].deltas

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from iteris_sd.app.cli import main
-from iteris_sd.lora.formats import read_lora
+from iteris_sd.lora.read import read_lora
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """Failure behaviour: what a user sees for every bad input, fault and interruption.
 
-Each test backs a row of the README's "Failure behaviour" table, through the Python API
+Each test backs a row of the failure table (docs/failures.md), through the Python API
 (`read_lora`, `merge_loras`, `write_merged`, `run_recipe`) and the CLI (`main`, in process,
 or as a real subprocess where a signal or a fresh interpreter matters). The rule checked
 throughout: bad input gets one line naming the file, key, field or value (CLI: exit code 2,
@@ -37,9 +37,10 @@ from iteris_sd.app import cli
 from iteris_sd.app.cli import main
 from iteris_sd.backends.calibration import CalibrationSettings
 from iteris_sd.backends.diffusers import DiffusersBackend, load_backend
-from iteris_sd.lora.formats import LoraFormatError, read_lora
+from iteris_sd.lora.read import LoraFormatError, read_lora
 from iteris_sd.lora.keymap import KeyMismatchError, ShapeMismatchError
-from iteris_sd.app.pipeline import MergeOptions, ZeroDeltaWarning, merge_loras, run_recipe, write_merged
+from iteris_sd.app.pipeline import ZeroDeltaWarning, merge_loras, run_recipe, write_merged
+from iteris_sd.merge.options import MergeOptions
 from iteris_sd.progress import MergeCancelled
 from iteris_sd.app.recipe import load_recipe
 from iteris_sd.merge.solve import IllConditionedWarning

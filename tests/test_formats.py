@@ -1,4 +1,4 @@
-"""Tests for iteris_sd.lora.formats: reading every LoRA layout to exact deltas, and writing kohya files."""
+"""Tests for iteris_sd.lora.read and iteris_sd.lora.write: reading every LoRA layout to exact deltas, and writing kohya files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from iteris_sd.lora.formats import LoraFormatError, kohya_metadata, read_lora, write_kohya
+from iteris_sd.lora.read import LoraFormatError, read_lora
+from iteris_sd.lora.write import kohya_metadata, write_kohya
 from iteris_sd.lora.layer import LoraFile
 
 GEN = torch.Generator().manual_seed(0)

@@ -16,17 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from iteris_sd.merge import iterate
-from iteris_sd.merge.iterate import CalibrationStats, IterISConfig, run_iteris
+from iteris_sd.merge.calibration import CalibrationStats
+from iteris_sd.merge.chunks import MemoryPlanWarning, MergeOutOfMemory, is_out_of_memory
+from iteris_sd.merge.iterate import IterISConfig, run_iteris
+from iteris_sd.merge.measure import measure
 from iteris_sd.lora.layer import LoraFile, LoraLayer
-from iteris_sd.app.pipeline import MergeOptions, merge_loras
+from iteris_sd.app import pipeline
+from iteris_sd.app.pipeline import merge_loras
+from iteris_sd.merge.options import MergeOptions
 from iteris_sd.merge.plan import (
     GiB,
     LayerSpec,
-    MemoryPlanWarning,
-    MergeOutOfMemory,
     MiB,
     PlanError,
-    is_out_of_memory,
     layer_bytes,
     make_plan,
     parse_budget,
@@ -341,8 +343,7 @@ def test_a_method_identical_to_an_earlier_one_is_measured_once(monkeypatch):
     loras = [LoraFile(f"l{i}.safetensors", f"l{i}", "0", {m: LoraLayer(m, up=B, down=A) for m, (B, A) in d.items()})
              for i, d in enumerate(random_deltas(backend))]
     measured = []
-    original = CalibrationStats.measure
-    monkeypatch.setattr(CalibrationStats, "measure", lambda self, *a, **k: measured.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(pipeline, "measure", lambda *a, **k: measured.append(1) or measure(*a, **k))
     report = merge_loras(backend, loras, ["stack", "concat", "linear"], MergeOptions(memory_budget=None))
     assert len(measured) == 2  # stack and linear
     assert report.results["concat"].calibration == report.results["stack"].calibration
@@ -563,8 +564,8 @@ def test_measure_reads_the_base_model_as_error_1_and_a_lora_alone_as_0_on_its_ow
     backend = FakeBackend()
     deltas = random_deltas(backend)
     cal = CalibrationStats(backend, deltas)
-    assert cal.measure(backend, {}) == pytest.approx([1.0] * len(deltas))
-    errors = cal.measure(backend, deltas[0])
+    assert measure(backend, cal, {}) == pytest.approx([1.0] * len(deltas))
+    errors = measure(backend, cal, deltas[0])
     assert errors[0] == pytest.approx(0.0, abs=1e-6) and all(e > 0.1 for e in errors[1:])
 
 
@@ -578,5 +579,5 @@ def test_keep_iterates_returns_every_iterate_as_measured_in_the_history():
     assert len(outcome.iterates) == len(outcome.history) == 4
     assert outcome.iterates[-1] is outcome.deltas  # without keep_best the last iterate is the result
     for merged, record in zip(outcome.iterates, outcome.history):
-        assert cal.measure(backend, merged) == pytest.approx(record.errors, rel=1e-4)
+        assert measure(backend, cal, merged) == pytest.approx(record.errors, rel=1e-4)
     assert not run_iteris(backend, cal, IterISConfig(iterations=3), lambda *a: None).iterates

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from iteris_sd.merge.iterate import IterISConfig
-from iteris_sd.app.pipeline import MergeOptions
+from iteris_sd.merge.options import MergeOptions
 from iteris_sd.app.recipe import (
     EXAMPLE_RECIPE,
     REQUIRED,

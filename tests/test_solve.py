@@ -6,13 +6,13 @@ import warnings
 import pytest
 import torch
 
+from iteris_sd.merge.regmean import regmean_layer
 from iteris_sd.merge.solve import (
     IllConditionedWarning,
     LayerProblem,
     adaptive_weights,
     choose_form,
     concept_residuals,
-    regmean_layer,
     solve_layer,
 )
 from iteris_sd.merge.stats import ConceptStats, SampledStats

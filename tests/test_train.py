@@ -37,7 +37,8 @@ def test_an_unsupported_prediction_type_is_refused_by_name():
 
 
 def test_caption_probe_pulls_a_text_encoders_shape_and_position_words_apart():
-    from iteris_demo.model import CaptionProbe, new_base_model, text_separation
+    from iteris_demo.check import text_separation
+    from iteris_demo.model import CaptionProbe, new_base_model
     from iteris_demo.train import encode
 
     _, te, tok, _ = new_base_model(seed=1)

@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from ..merge.options import MergeOptions
 from .recipe import EXAMPLE_RECIPE, REQUIRED, recipe_fields
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, FloatingPointError,
@@ -72,11 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         default = "required in the recipe" if f.default is REQUIRED else f"recipe default {f.default!r}"
         merge.add_argument(f"--{f.name}", dest=f"override:{f.name}", metavar=f.type.upper().replace(" ", ""),
-                           help=f"{f.help} ({default})")
+                           help=f"{f.help} ({default})".replace("%", "%%"))  # argparse formats help with %
     demo = sub.add_parser("demo", help="merge concept LoRAs of the embedded demo model, compare every method, "
                                        "draw a picture grid (no download)")
     demo.add_argument("--loras", type=int, default=2, choices=(2, 3, 4), help="how many concept LoRAs (default 2)")
-    demo.add_argument("--iterations", type=int, default=5, help="IterIS iterations (default 5)")
+    demo.add_argument("--iterations", type=int, default=MergeOptions.iterations,
+                      help=f"IterIS iterations (default {MergeOptions.iterations})")
     demo.add_argument("--out", default="out/demo", help="folder for the merged LoRA, grid and report (default out/demo)")
     bench = sub.add_parser("bench", help="every method with 2, 3 and 4 LoRAs on held-out prompts and seeds, and "
                                          "curves against iterations and prompts; writes bench.json and bench.md")

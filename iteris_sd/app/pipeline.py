@@ -10,58 +10,30 @@ import os
 import sys
 import time
 import warnings
-import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
 import safetensors
 import torch
 
-from ..merge import weight_space
-from ..merge.backend import Backend, Deltas
-from ..lora.formats import kohya_metadata, read_lora, write_kohya
-from ..merge.iterate import CalibrationStats, IterationRecord, IterISConfig, run_iteris
 from ..lora.layer import LoraFile
 from ..lora.lowrank import balance, truncate
+from ..lora.read import read_lora
+from ..lora.write import kohya_metadata, write_kohya
+from ..merge.backend import Backend, Deltas
+from ..merge.calibration import CalibrationStats
+from ..merge.iterate import IterationRecord
+from ..merge.measure import measure
+from ..merge.methods import get_method
+from ..merge.options import MergeOptions
 from ..merge.plan import Plan, plan_merge
 from ..progress import ProgressFn, no_progress
-from .recipe import Recipe, check_value, recipe_to_dict
-
-DATA_METHODS = ("iteris", "regmean")
+from .recipe import Recipe, recipe_to_dict
 
 
 class ZeroDeltaWarning(UserWarning):
     """A LoRA changes nothing (all-zero weights, alpha = 0 or strength 0)."""
-
-
-@dataclass(frozen=True)
-class MergeOptions:
-    """Settings of every method; ``rank`` None keeps each method's natural rank (exact
-    rank sum r_i for iteris/regmean/stack/linear/concat, max r_i for svd, and the sum of
-    the ranks for ties/dare, whose dense result is SVD-truncated)."""
-
-    iterations: int = 5
-    damping: float = 0.5
-    regularization: float = IterISConfig.regularization
-    rank: int | None = None
-    density: float = 0.5
-    seed: int = 0
-    adaptive_weights: bool = True
-    # Memory (see iteris_sd.merge.plan): budget in bytes, a size string ("6GiB"), "auto" (the
-    # device's free memory less a margin) or None (no limit); the planner's choices, overridable.
-    memory_budget: int | str | None = "auto"
-    chunk_layers: int | None = None
-    tokens: int | None = None
-    solve_device: str = "auto"
-    ridge_target: str = IterISConfig.ridge_target  # IterIS's ridge pulls toward "average" or "sum"
-
-    def __post_init__(self) -> None:
-        """One-line errors up front for Python API callers, with the recipe's own rules for
-        the same fields, rather than after the reference capture."""
-        for name in ("iterations", "damping", "regularization", "rank", "density", "seed", "chunk_layers",
-                     "tokens", "ridge_target"):
-            check_value(name, getattr(self, name), f"MergeOptions.{name}")
 
 
 @dataclass
@@ -134,6 +106,8 @@ def _check_inputs(backend: Backend, loras: Sequence[LoraFile], methods: Sequence
         raise ValueError("no LoRAs to merge; pass at least one")
     if not methods:
         raise ValueError("no merge method given; pass at least one, e.g. ['iteris']")
+    for name in methods:
+        get_method(name)
     concepts = getattr(backend, "concepts", None)  # the diffusers backend's calibration prompts
     if concepts is None:
         return
@@ -174,31 +148,25 @@ def merge_loras(
     reference_seconds = time.perf_counter() - t_ref
     report = MergeReport([f.name for f in loras], methods[0], {}, references=per_concept, plan=plan)
     for name in methods:
+        method = get_method(name)
         t0 = time.perf_counter()
-        energy = {}
-        if name == "iteris":
-            cfg = IterISConfig(options.iterations, options.damping, options.regularization,
-                               ridge_target=options.ridge_target, adaptive=options.adaptive_weights)
-            outcome = run_iteris(backend, cal, cfg, progress)
-            deltas = outcome.deltas
-            report.history, report.chosen_iteration = outcome.history, outcome.chosen_iteration
-        elif name == "regmean":
-            deltas = cal.regmean(backend, progress)
-        else:
-            deltas, energy = _weight_merge(name, cal.problems(), options)
+        out = method.run(backend, cal, options, progress)
         seconds = time.perf_counter() - t0
-        if name in DATA_METHODS:  # both need the reference capture
+        if method.uses_data:  # it needed the reference capture
             seconds += reference_seconds
+        deltas, energy = out.deltas, out.energy
+        if out.history:
+            report.history, report.chosen_iteration = out.history, out.chosen_iteration
         if options.rank is not None:
             deltas, kept = _truncate_all(deltas, options.rank)
             energy = {m: e * energy.get(m, 1.0) for m, e in kept.items()}
         same = next((r for r in report.results.values() if identical_deltas(r.deltas, deltas)), None)
-        if name == "iteris" and report.history and options.rank is None:
-            errors = report.history[report.chosen_iteration].errors
+        if out.history and options.rank is None:  # IterIS measured its kept iterate already
+            errors = out.history[out.chosen_iteration].errors
         elif same is not None:  # concat is stack written differently: one calibration pass less
             errors = list(same.calibration)
         else:
-            errors = cal.measure(backend, deltas, progress)
+            errors = measure(backend, cal, deltas, progress)
         report.results[name] = MethodResult(name, deltas, errors, seconds, energy=energy)
         progress("methods", len(report.results), len(methods))
     report.seconds = time.perf_counter() - start
@@ -278,9 +246,7 @@ def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress, score_new_see
         first = next(iter(str(exc).strip().splitlines()), "") or type(exc).__name__
         raise ValueError(f"{recipe.base}: could not load the base model ({type(exc).__name__}: {first.strip()}); "
                          "check that it is a complete diffusers folder or .safetensors checkpoint") from exc
-    options = MergeOptions(recipe.iterations, recipe.damping, recipe.regularization, recipe.rank,
-                           recipe.density, recipe.seed, recipe.adaptive_weights, recipe.memory_budget,
-                           recipe.chunk_layers, recipe.tokens, recipe.solve_device, recipe.ridge_target)
+    options = MergeOptions(**{f.name: getattr(recipe, f.name) for f in fields(MergeOptions)})
     methods = [recipe.method] + [m for m in recipe.compare if m != recipe.method]
     report = merge_loras(backend, loras, methods, options, progress, on_plan)
     methods_deltas = {n: r.deltas for n, r in report.results.items()}
@@ -299,30 +265,6 @@ def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress, score_new_see
                  dtype=recipe.dtype, overwrite=recipe.overwrite)
     report.output = recipe.output
     return report
-
-
-def _weight_merge(name: str, problems, options: MergeOptions) -> tuple[Deltas, dict[str, float]]:
-    """A data-free baseline applied layer by layer on the weight changes."""
-    deltas, energy = {}, {}
-    for m, p in problems.items():
-        present = [f for f in p.factors if f is not None]
-        if name in ("stack", "concat"):
-            merged = getattr(weight_space, name)(p.factors)
-        elif name == "linear":
-            merged = weight_space.linear(p.factors)
-        elif name == "svd":
-            merged = weight_space.svd(p.factors, options.rank or max(f[0].shape[1] for f in present))
-        elif name in ("ties", "dare"):
-            rank = options.rank or sum(f[0].shape[1] for f in present)
-            # a seed per layer, so layers of one shape do not share a DARE mask
-            kwargs = {"seed": options.seed + zlib.crc32(m.encode())} if name == "dare" else {}
-            merged = getattr(weight_space, name)(p.factors, rank, options.density, **kwargs)
-        else:
-            raise ValueError(f"unknown merge method {name!r}")
-        deltas[m] = (merged.U, merged.Z)
-        if name in ("svd", "ties", "dare"):
-            energy[m] = merged.energy
-    return deltas, energy
 
 
 def _truncate_all(deltas: Deltas, rank: int) -> tuple[Deltas, dict[str, float]]:

@@ -26,3 +26,13 @@ class CalibrationSettings:
 
     def __post_init__(self) -> None:
         check_settings(self, "CalibrationSettings")
+
+
+def spread(items: list, count: int) -> list:
+    """``count`` items spread evenly over the list, first and last included: which steps
+    of a calibration trajectory a backend captures."""
+    if count >= len(items):
+        return list(items)
+    if count == 1:
+        return [items[len(items) // 2]]
+    return [items[round(k * (len(items) - 1) / (count - 1))] for k in range(count)]

@@ -16,8 +16,8 @@ from typing import Collection
 import torch
 from torch import Tensor, nn
 
-from ..merge.backend import Deltas, InputSink, Target, spread
-from .calibration import CalibrationSettings
+from ..merge.backend import Deltas, InputSink, Target
+from .calibration import CalibrationSettings, spread
 from .hooks import hooked
 from ..lora.keymap import KeyMap, build_keymap, detect_family
 from ..lora.layer import LoraFile, LoraLayer

@@ -1,6 +1,6 @@
 """The canonical in-memory form of a LoRA: one `LoraLayer` per targeted layer.
 
-Every file format is read into this form (`formats.read_lora`), and every merge method
+Every file format is read into this form (`read.read_lora`), and every merge method
 works on the flattened factors it yields:
 
     dW = B @ A,   B: (d_out, r),  A: (r, d_in)
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from .dora import dora_delta
 from .lowrank import dense_to_factors
 
 
@@ -68,7 +69,7 @@ class LoraLayer:
             return delta
         if base_weight is None:
             raise ValueError(f"{self.name}: a DoRA layer needs the base weight to build its delta")
-        return _dora_delta(base_weight.float(), delta, self.dora_scale.float(), self.strength)
+        return dora_delta(base_weight.float(), delta, self.dora_scale.float(), self.strength)
 
     def factors(self, base_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Flattened factors (B (d_out, r), A (r, d_in)) with B @ A = dense_delta, float32.
@@ -99,19 +100,6 @@ def _lowrank_factors(layer: LoraLayer) -> tuple[Tensor, Tensor]:
         down = layer.down.float().reshape(r, -1)  # (r, C_in)
         A = torch.einsum("abhw,bi->aihw", layer.mid.float(), down).reshape(layer.mid.shape[0], -1)
     return B, A * layer.scale
-
-
-def _dora_delta(W0: Tensor, dW: Tensor, magnitude: Tensor, strength: float) -> Tensor:
-    """DoRA: W' = magnitude * (W0 + dW) / ||W0 + dW||, norm along the axis magnitude spans."""
-    W = W0 + dW
-    flat = W.reshape(W.shape[0], -1)
-    if magnitude.shape[0] == W.shape[0] and magnitude.numel() == W.shape[0]:
-        norm = flat.norm(dim=1).reshape(W.shape[0], *[1] * (W.dim() - 1))
-    else:  # per input channel, as PEFT stores it for linear layers: shape (1, d_in)
-        norm = W.transpose(0, 1).reshape(W.shape[1], -1).norm(dim=1)
-        norm = norm.reshape(W.shape[1], *[1] * (W.dim() - 1)).transpose(0, 1)
-    W_dora = W * (magnitude.reshape(norm.shape) / (norm + torch.finfo(W.dtype).eps))
-    return strength * (W_dora - W0)
 
 
 @dataclass

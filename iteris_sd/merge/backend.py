@@ -68,13 +68,3 @@ class Backend(Protocol):
     ) -> dict[str, float]:
         """For evaluation: per candidate, sqrt(sum_t ||eps_cand - eps_ref||^2 / sum_t
         ||eps_ref - eps_base||^2) along the reference's own CFG trajectory from ``seed``."""
-
-
-def spread(items: list, count: int) -> list:
-    """``count`` items spread evenly over the list, first and last included: which steps
-    of a calibration trajectory a backend captures."""
-    if count >= len(items):
-        return list(items)
-    if count == 1:
-        return [items[len(items) // 2]]
-    return [items[round(k * (len(items) - 1) / (count - 1))] for k in range(count)]

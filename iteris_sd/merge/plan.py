@@ -27,21 +27,18 @@ Decisions, each overridable (`MergeOptions` / recipe fields):
 - **solve device** (`solve_device`): float64 solves one layer at a time on the statistics'
   device ("auto"; the CPU on mps, which has no float64), or "cpu" / a given device.
 
-Out of memory during a chunk (see `iterate.CalibrationStats.for_each_chunk`): the chunk is
-split in two and retried; at one layer per chunk, kept reference statistics are dropped
-(recomputed from then on), then the solves move to the CPU; only then does the merge fail,
-with `MergeOutOfMemory` naming a budget that would have been planned to fit.
+What happens when a chunk runs out of memory all the same is `iteris_sd.merge.chunks`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from .solve import dual_is_cheaper
 from .stats import gram_bytes, sample_bytes
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -55,16 +52,8 @@ BUDGET_RE = re.compile(r"\s*(auto|none|(\d+(\.\d*)?|\.\d+)([eE]\d+)?\s*(?P<unit>
                        re.IGNORECASE)
 
 
-class MergeOutOfMemory(MemoryError):
-    """The merge ran out of memory even at one layer per chunk with the solves on the CPU."""
-
-
 class PlanError(ValueError):
     """No plan fits the budget (a single layer's smallest statistics exceed it)."""
-
-
-class MemoryPlanWarning(UserWarning):
-    """The plan was changed during the merge (a chunk split after running out of memory...)."""
 
 
 def parse_budget(value) -> int | str | None:
@@ -162,13 +151,6 @@ class LayerSpec:
     rank: int
 
 
-def uses_dual(d_in: int, rows: int, rank: int) -> bool:
-    """The cost rule of `solve.choose_form` with ``rows`` kept rows in all."""
-    primal = 2 * rows * d_in * d_in + d_in**3 / 3 + d_in * d_in * rank
-    dual = rows * rows * d_in + rows**3 / 3 + 3 * rows * d_in * rank
-    return dual < primal
-
-
 def layer_bytes(spec: LayerSpec, n: int, tokens: int | None) -> tuple[int, int, int]:
     """(reference, paired, solve) bytes of one layer for n concepts: the reference
     statistics, the paired ones (float32, on the statistics' device) and the float64
@@ -182,7 +164,7 @@ def layer_bytes(spec: LayerSpec, n: int, tokens: int | None) -> tuple[int, int, 
     k = tokens
     ref, pair = n * sample_bytes(d, k), 2 * n * sample_bytes(d, k)
     K = n * k
-    if uses_dual(d, K, R):
+    if dual_is_cheaper(d, K, R):
         solve = F64 * (2 * K * d + 3 * k * d + 3 * K * K) + small
     else:
         solve = F64 * (3 * d * d + 3 * k * d) + small
@@ -265,7 +247,7 @@ class Plan:
                  f"budget {fmt_bytes(self.budget)}" + (f" ({self.budget_note})" if self.budget_note else "")]
         sampled = {m: t for m, t in self.tokens.items() if m in self.specs}
         if sampled:
-            dual = sum(uses_dual(self.specs[m].d_in, self.concepts * t, self.specs[m].rank) for m, t in sampled.items())
+            dual = sum(dual_is_cheaper(self.specs[m].d_in, self.concepts * t, self.specs[m].rank) for m, t in sampled.items())
             sizes = sorted(set(sampled.values()))
             ks = f"k = {sizes[0]}" if len(sizes) == 1 else f"k = {sizes[0]}..{sizes[-1]}"
             lines.append(f"  statistics: Gram (d_in x d_in) for {n_layers - len(sampled)} layers, token samples "
@@ -395,52 +377,3 @@ def plan_merge(backend, concept_deltas: list[dict], *, budget="auto", chunk_laye
         value, note = auto_budget(device)
     return make_plan(specs, len(concept_deltas), value, chunk_layers=chunk_layers, tokens=tokens, device=device,
                      solve_device=solve_device, iterations=iterations, budget_note=note)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """torch's OutOfMemoryError, MemoryError, or a RuntimeError saying it ran out of memory."""
-    if isinstance(exc, MergeOutOfMemory):  # our own verdict, after every fallback
-        return False
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom is not None and isinstance(exc, oom):
-        return True
-    if isinstance(exc, MemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def free_cached_memory() -> None:
-    """Return what torch's CUDA caching allocator holds to the device (after a failed chunk)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        import gc
-
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
-def warn_event(plan: Plan, text: str) -> None:
-    plan.events.append(text)
-    warnings.warn(text, MemoryPlanWarning, stacklevel=3)
-
-
-def oom_message(plan: Plan, layer: str, failure: str) -> str:
-    """The final out-of-memory message: the layer, what was tried, and a budget at which the
-    planner would have fitted it (token samples for the largest layers)."""
-    need = plan.min_layer_bytes(layer)
-    spec = plan.specs[layer]
-    ref, pair, solve = layer_bytes(spec, plan.concepts, MIN_TOKENS)
-    floor = ref + pair + (solve if plan.solve_on_device() else 0)
-    suggest = need // 2
-    mem = device_memory(plan.device)
-    if mem is not None and plan.device.type != "cpu":
-        suggest = min(suggest, max(mem[0] - GiB - mem[1] // 10, 0))
-    head = (f"out of memory on {plan.device} ({failure.splitlines()[0][:200]}) even with one layer per chunk "
-            f"and the solves on the CPU: layer {layer} needed about {fmt_bytes(need)} (budget was "
-            f"{fmt_bytes(plan.budget)}). ")
-    if suggest >= floor:
-        return head + (f"A memory_budget of {fmt_bytes(suggest)} would have planned token samples for the "
-                       "largest layers so that they fit; or set tokens lower, or free memory on the device")
-    return head + (f"Even a {MIN_TOKENS}-row token sample needs {fmt_bytes(floor)}, so a memory_budget of at "
-                   f"least {fmt_bytes(floor)} free on the device is needed; free memory on the device or use a "
-                   "larger one")

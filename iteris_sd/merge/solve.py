@@ -1,6 +1,6 @@
 """The IterIS closed-form solve of one layer, its adaptive weights and residuals.
 
-Notation (see docs/iteris-math in the README): for concept i at one layer,
+Notation (docs/method.md): for concept i at one layer,
 dW_i = B_i A_i (d_out x d_in, scale folded into A_i), G_i = X_i^T X_i,
 C_i = X_i^T X~_i, H_i = X~_i^T X~_i. The solve minimises
 
@@ -92,12 +92,17 @@ def choose_form(problem: LayerProblem, reg: float) -> str:
     the k x k system is cheaper than the d_in x d_in one; else "primal"."""
     if reg <= 0 or not problem.stats or any(st.form != "sample" for st in problem.stats):
         return "primal"
-    d = problem.base_weight.shape[1]
     K = sum(st.kept for st in problem.stats)
     R = sum(f[0].shape[1] for f in problem.factors if f is not None)
-    primal = 2 * K * d * d + d**3 / 3 + d * d * R
-    dual = K * K * d + K**3 / 3 + 3 * K * d * R
-    return "dual" if dual < primal else "primal"
+    return "dual" if dual_is_cheaper(problem.base_weight.shape[1], K, R) else "primal"
+
+
+def dual_is_cheaper(d_in: int, rows: int, rank: int) -> bool:
+    """The cost rule: the (rows x rows) Woodbury system against the (d_in x d_in) one,
+    with ``rows`` kept token rows over all concepts and ``rank`` = sum r_i (flop counts)."""
+    primal = 2 * rows * d_in * d_in + d_in**3 / 3 + d_in * d_in * rank
+    dual = rows * rows * d_in + rows**3 / 3 + 3 * rows * d_in * rank
+    return dual < primal
 
 
 def solve_layer(problem: LayerProblem, weights: list[float], reg: float, form: str = "auto",
@@ -193,51 +198,6 @@ def woodbury_solve(Y: Tensor, lam: Tensor, rhs: Tensor, name: str) -> Tensor:
     S.diagonal().add_(1.0)
     inner = solve_spd(S, YL @ rhs, name)
     return inv[:, None] * rhs - YL.T @ inner
-
-
-def regmean_layer(problem: LayerProblem, alpha: float = 0.9, device=None) -> Tensor:
-    """RegMean (Jin et al., ICLR 2023) on the reference inputs, X~ = X, one shot:
-
-        W = [sum_i dW_i G'_i] [sum_i G'_i]^-1,   G' = alpha G + (1 - alpha) diag(G),
-
-    the off-diagonal shrinkage being RegMean's own regulariser. Returns Z as solve_layer
-    (token-sampled statistics: by Woodbury with the diagonal when that is cheaper)."""
-    dev = solve_device(problem, device)
-    if choose_form(problem, 1.0) == "dual":
-        Z = _regmean_dual(problem, alpha, dev)
-        if Z is not None:
-            return Z.T.contiguous().float().cpu()
-    d_in = problem.base_weight.shape[1]
-    D = torch.zeros(d_in, d_in, dtype=torch.float64, device=dev)
-    rhs = []
-    for f, st in zip(problem.factors, problem.stats):
-        G = st.gram64(dev)
-        _check_finite(problem.name, G)
-        diag = G.diagonal().clone()
-        G.mul_(alpha)
-        G.diagonal().add_((1 - alpha) * diag)
-        D += G
-        if f is not None:
-            rhs.append(G @ f[1].to(device=dev, dtype=torch.float64).T)
-        del G
-    return solve_spd(D, torch.cat(rhs, dim=1), problem.name).T.contiguous().float().cpu()
-
-
-def _regmean_dual(problem: LayerProblem, alpha: float, dev) -> Tensor | None:
-    Ys, rhs, diag = [], [], None
-    for f, st in zip(problem.factors, problem.stats):
-        X, _, _, s = st.rows64(dev)
-        _check_finite(problem.name, X)
-        d = s * (X * X).sum(dim=0)
-        diag = d if diag is None else diag + d
-        Ys.append(math.sqrt(alpha * s) * X)
-        if f is not None:
-            A = f[1].to(device=dev, dtype=torch.float64)
-            rhs.append(alpha * s * (X.T @ (X @ A.T)) + (1 - alpha) * d[:, None] * A.T)
-    lam = (1 - alpha) * diag
-    if float(lam.min()) <= 1e-12 * float(lam.max()):  # a feature no row reaches: dense solve
-        return None
-    return woodbury_solve(torch.cat(Ys), lam, torch.cat(rhs, dim=1), problem.name)
 
 
 def solve_spd(D: Tensor, rhs: Tensor, name: str) -> Tensor:

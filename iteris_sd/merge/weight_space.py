@@ -13,7 +13,7 @@ B_1 A_2) and returns a `LayerMerge`: U (d_out, R) @ Z (R, d_in) = merged delta.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -147,18 +147,6 @@ def dare(
         merged += tau * keep.to(tau.device) / density
     U, Z, energy = dense_to_factors(merged, rank)
     return LayerMerge(U, Z, energy)
-
-
-WEIGHT_METHODS: dict[str, Callable[..., LayerMerge]] = {
-    "stack": stack,
-    "linear": linear,
-    "concat": concat,
-    "svd": svd,
-    "ties": ties,
-    "dare": dare,
-}
-"""Weight-only merge methods by name. Each takes ``factors`` first; the others' keyword
-arguments differ (see each function). Data-based methods (regmean, iteris) live elsewhere."""
 
 
 def _weighted_lowrank(factors: list[Factors | None], weights: list[float]) -> LayerMerge:

@@ -1,35 +1,24 @@
-"""The IterIS nodes: LoRA entry (chains into a list), merge, save. Thin glue: the merge
-itself is `iteris_sd.app.pipeline.merge_loras` over `ComfyBackend`."""
+"""The IterIS Merge node. Thin glue: the merge itself is `iteris_sd.app.pipeline.merge_loras`
+over `ComfyBackend`."""
 
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
 
 import comfy.model_management
 import comfy.samplers
 import comfy.sd
 import comfy.utils
-import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..iteris_sd.lora.formats import file_sha256, write_kohya
+from ..iteris_sd.lora.read import file_sha256
 from ..iteris_sd.lora.layer import LoraFile
-from ..iteris_sd.app.pipeline import MergeOptions, MergeReport, kohya_layers, merge_loras, merged_metadata
-from ..iteris_sd.app.recipe import DTYPES, METHODS, RIDGE_TARGETS
+from ..iteris_sd.app.pipeline import MergeReport, kohya_layers, merge_loras, merged_metadata
+from ..iteris_sd.merge.methods import METHODS
+from ..iteris_sd.merge.options import MergeOptions
+from ..iteris_sd.merge.solve import RIDGE_TARGETS
 from .chart import convergence_image
 from .comfy_backend import ComfyBackend, ComfyCalibration
-
-LoraList = io.Custom("ITERIS_LORA_LIST")
-
-
-@dataclass(frozen=True)
-class LoraEntry:
-    name: str  # as listed in models/loras
-    path: str
-    strength: float
-    prompts: tuple[str, ...]
+from .lora_types import LoraList, named_layers
 
 
 class MergedLora(dict):
@@ -41,39 +30,6 @@ class MergedLora(dict):
     text_encoder: dict
     names: dict
     metadata: dict
-
-
-class LoraEntryNode(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="IterIS_LoraEntry",
-            display_name="IterIS LoRA",
-            category="loaders/IterIS",
-            description="One LoRA to merge, with prompts that show what it does. Chain several into IterIS Merge.",
-            inputs=[
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                               tooltip="A LoRA from models/loras (.safetensors)."),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
-                               tooltip="How strongly this LoRA counts, as in LoraLoader; the merge reproduces the LoRA at this strength."),
-                io.String.Input("prompts", multiline=True, default="",
-                                tooltip="1 to 5 prompts, one per line, that use this LoRA: its trigger word, with varied subjects, "
-                                        "backgrounds and compositions (the merge fits these prompts closely)."),
-                LoraList.Input("previous", optional=True, tooltip="Chain from another IterIS LoRA node to merge more LoRAs."),
-            ],
-            outputs=[LoraList.Output(display_name="loras", tooltip="The LoRAs chosen so far; connect to IterIS Merge or another entry.")],
-        )
-
-    @classmethod
-    def execute(cls, lora_name, strength, prompts, previous=None) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        if not path.lower().endswith(".safetensors"):
-            raise ValueError(f"{lora_name}: only .safetensors LoRAs are read (pickle files can run code); "
-                             "convert it to safetensors first")
-        lines = tuple(p.strip() for p in prompts.splitlines() if p.strip())
-        if not lines:
-            raise ValueError(f"{lora_name}: give at least one calibration prompt (one per line)")
-        return io.NodeOutput(list(previous or []) + [LoraEntry(lora_name, path, float(strength), lines)])
 
 
 class MergeNode(io.ComfyNode):
@@ -89,32 +45,31 @@ class MergeNode(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="The base model's text encoder; merged too when the LoRAs touch it."),
                 LoraList.Input("loras", tooltip="The LoRAs to merge, from IterIS LoRA nodes."),
                 io.Combo.Input("method", options=list(METHODS), default="iteris",
-                               tooltip="iteris: iterative least squares on the model's own inputs (best). regmean: one-shot least squares. "
-                                       "stack: what chaining LoraLoaders does. linear, concat, svd, ties, dare: weight-only merges."),
-                io.Int.Input("iterations", default=5, min=0, max=50,
+                               tooltip=" ".join(f"{m.name}: {m.summary}." for m in METHODS.values())),
+                io.Int.Input("iterations", default=MergeOptions.iterations, min=0, max=50,
                              tooltip="IterIS re-solves after the first solve; the best measured iterate is kept, so more never hurts the calibration error."),
                 io.Int.Input("rank", default=0, min=0, max=4096,
                              tooltip="Output rank per layer; 0 keeps the exact merge (rank = sum of the input ranks), smaller truncates by SVD."),
-                io.Combo.Input("sampler", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                io.Combo.Input("sampler", options=comfy.samplers.KSampler.SAMPLERS, default=ComfyCalibration.sampler,
                                tooltip="Sampler of the calibration trajectories (one per prompt, with each LoRA alone)."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default=ComfyCalibration.scheduler,
                                tooltip="Scheduler of the calibration trajectories."),
-                io.Int.Input("steps", default=8, min=1, max=100, tooltip="Steps of each calibration trajectory."),
-                io.Int.Input("timesteps", default=4, min=1, max=100,
+                io.Int.Input("steps", default=ComfyCalibration.steps, min=1, max=100, tooltip="Steps of each calibration trajectory."),
+                io.Int.Input("timesteps", default=ComfyCalibration.timesteps, min=1, max=100,
                              tooltip="Model calls captured per prompt, spread over the trajectory."),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
+                io.Int.Input("resolution", default=ComfyCalibration.resolution, min=64, max=2048, step=64,
                              tooltip="Image size of the calibration trajectories (use the size the LoRAs were trained at)."),
-                io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.5, tooltip="CFG scale of the calibration trajectories."),
-                io.Int.Input("calibration_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                io.Float.Input("cfg", default=ComfyCalibration.cfg, min=0.0, max=30.0, step=0.5, tooltip="CFG scale of the calibration trajectories."),
+                io.Int.Input("calibration_seed", default=ComfyCalibration.seed, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seed of the calibration noise; the same inputs and seed give the same merge."),
-                io.String.Input("negative_prompt", default="", optional=True,
+                io.String.Input("negative_prompt", default=ComfyCalibration.negative_prompt, optional=True,
                                 tooltip="Negative prompt of the calibration trajectories (the unconditional branch)."),
-                io.Float.Input("damping", default=0.5, min=0.05, max=1.0, step=0.05, optional=True,
+                io.Float.Input("damping", default=MergeOptions.damping, min=0.05, max=1.0, step=0.05, optional=True,
                                tooltip="IterIS step size; 1 is the paper's undamped iteration, which oscillates on diffusion models."),
                 io.Float.Input("regularization", default=MergeOptions.regularization, min=0.0, max=10.0, step=0.001, optional=True,
                                tooltip="Ridge strength, relative to each layer's input energy: larger stays closer to the stacked LoRAs, "
                                        "smaller fits the calibration prompts more closely (and loses more of the concepts)."),
-                io.String.Input("memory_budget", default="auto", optional=True,
+                io.String.Input("memory_budget", default=MergeOptions.memory_budget, optional=True,
                                 tooltip="Memory for the merge's statistics: 'auto' (free device memory less a margin) or a size such as 6GB."),
                 io.Combo.Input("ridge_target", options=list(RIDGE_TARGETS), default=MergeOptions.ridge_target, optional=True,
                                tooltip="What the ridge pulls the merge toward where the calibration says little: "
@@ -132,15 +87,18 @@ class MergeNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, loras, method, iterations, rank, sampler, scheduler, steps, timesteps, resolution,
-                cfg, calibration_seed, negative_prompt="", damping=0.5, regularization=MergeOptions.regularization, memory_budget="auto",
+                cfg, calibration_seed, negative_prompt=ComfyCalibration.negative_prompt, damping=MergeOptions.damping,
+                regularization=MergeOptions.regularization, memory_budget=MergeOptions.memory_budget,
                 ridge_target=MergeOptions.ridge_target) -> io.NodeOutput:
         if not loras:
             raise ValueError("connect at least one IterIS LoRA node")
-        settings = ComfyCalibration(sampler, scheduler, steps, timesteps, resolution, cfg, negative_prompt, calibration_seed)
+        settings = ComfyCalibration(sampler=sampler, scheduler=scheduler, steps=steps, timesteps=timesteps,
+                                    resolution=resolution, cfg=cfg, negative_prompt=negative_prompt, seed=calibration_seed)
         backend = ComfyBackend(model, clip, [list(e.prompts) for e in loras], settings)
         files = [LoraFile(e.path, e.name, file_sha256(e.path), {}, e.strength) for e in loras]
-        options = MergeOptions(iterations, damping, regularization, rank or None, seed=calibration_seed,
-                               memory_budget=memory_budget.strip() or "auto", ridge_target=ridge_target)
+        options = MergeOptions(iterations=iterations, damping=damping, regularization=regularization, rank=rank or None,
+                               seed=calibration_seed, memory_budget=memory_budget.strip() or MergeOptions.memory_budget,
+                               ridge_target=ridge_target)
         progress = NodeProgress(cls.hidden.unique_id)
         try:
             report = merge_loras(backend, files, [method], options, progress)
@@ -175,23 +133,6 @@ def _state_dict(layers: dict) -> dict:
     for name, (up, down, alpha) in layers.items():
         out |= {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, f"{name}.alpha": torch.tensor(float(alpha))}
     return out
-
-
-def named_layers(lora: dict) -> dict:
-    """A LORA_MODEL as {kohya name: (up, down, alpha)}: a merge's own names and its text-encoder
-    part; any other LORA_MODEL (core training nodes) with ComfyUI's lora_unet_ names; a
-    missing alpha means alpha = rank (scale 1)."""
-    names = getattr(lora, "names", {})
-    layers = {}
-    for part in (lora, getattr(lora, "text_encoder", {})):
-        for key in part:
-            if key.endswith(".lora_up.weight"):
-                prefix = key[: -len(".lora_up.weight")]
-                down = part[f"{prefix}.lora_down.weight"]
-                alpha = part.get(f"{prefix}.alpha")
-                layers[names.get(prefix) or _kohya_name(prefix)] = (
-                    part[key], down, float(alpha) if alpha is not None else float(down.shape[0]))
-    return layers
 
 
 def report_text(report: MergeReport) -> str:
@@ -233,58 +174,3 @@ class NodeProgress:
             return
         if PromptServer.instance is not None:
             PromptServer.instance.send_sync("iteris.progress", {"node": self.node_id, **data})
-
-
-class SaveLoraNode(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="IterIS_SaveLora",
-            display_name="IterIS Save LoRA",
-            category="loaders/IterIS",
-            description="Save a LoRA (from IterIS Merge, or any LORA_MODEL) into models/loras as a kohya .safetensors file.",
-            is_output_node=True,
-            inputs=[
-                io.LoraModel.Input("lora", tooltip="The LoRA to save."),
-                io.String.Input("filename", default="iteris_merged",
-                                tooltip="File name inside models/loras (subfolders allowed, .safetensors added)."),
-                io.Combo.Input("dtype", options=list(DTYPES), default="fp16", tooltip="Precision of the saved tensors."),
-                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name; otherwise saving refuses."),
-            ],
-            outputs=[],
-        )
-
-    @classmethod
-    def execute(cls, lora, filename, dtype, overwrite) -> io.NodeOutput:
-        path = lora_path(filename)
-        if os.path.exists(path) and not overwrite:  # before any work, in the node's own words
-            raise FileExistsError(f"{filename}: already exists in models/loras; turn on 'overwrite' to replace it")
-        layers = named_layers(lora)
-        if not layers:
-            raise ValueError(f"{filename}: the LoRA has no lora_up/lora_down layers to save")
-        metadata = getattr(lora, "metadata", None) or {"ss_network_module": "networks.lora"}
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_kohya(path, layers, metadata, dtype=dtype, overwrite=overwrite)
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {os.path.relpath(path, folder_paths.get_folder_paths('loras')[0])}"))
-
-
-def _kohya_name(prefix: str) -> str:
-    """ComfyUI's own name for a diffusion-model module: lora_unet_ + its path with underscores."""
-    if prefix.startswith("diffusion_model."):
-        return "lora_unet_" + prefix[len("diffusion_model."):].replace(".", "_")
-    return prefix
-
-
-def lora_path(filename: str) -> str:
-    """The file for ``filename`` inside the first models/loras folder; refuses names that
-    would leave it (``..``, absolute paths, drive letters)."""
-    root = os.path.realpath(folder_paths.get_folder_paths("loras")[0])
-    name = filename.strip()
-    if not name or os.path.isabs(name) or os.path.splitdrive(name)[0] or ".." in name.replace("\\", "/").split("/"):
-        raise ValueError(f"{filename!r}: give a file name inside models/loras (no '..', no absolute path)")
-    if not name.lower().endswith(".safetensors"):
-        name += ".safetensors"
-    path = os.path.realpath(os.path.join(root, name))
-    if os.path.commonpath([root, path]) != root:
-        raise ValueError(f"{filename!r}: resolves outside models/loras; choose a name inside it")
-    return path
