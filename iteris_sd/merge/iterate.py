@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from ..progress import ProgressFn, no_progress
@@ -44,7 +43,6 @@ class IterISConfig:
     keep_best: bool = True
     adaptive: bool = True
     keep_iterates: bool = False  # MergeOutcome.iterates: every iterate, for curves against t
-    stats_dtype: torch.dtype = torch.float32
 
 
 @dataclass(frozen=True)
@@ -72,7 +70,7 @@ def merge_iteris(
     plan: Plan | None = None,
 ) -> MergeOutcome:
     """Merge the concepts' deltas with damped IterIS; returns the kept iterate and history."""
-    cal = CalibrationStats(backend, concept_deltas, config.stats_dtype, plan=plan)
+    cal = CalibrationStats(backend, concept_deltas, plan=plan)
     cal.capture_references(backend, progress)
     return run_iteris(backend, cal, config, progress)
 
