@@ -11,6 +11,15 @@ def float32_default():
     torch.set_default_dtype(previous)
 
 
+@pytest.fixture
+def one_thread():
+    """For modules of tiny tensors: one thread is fastest, and immune to a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_assets():
     """The embedded tiny SD1 model and two concept LoRAs (built once, cached; see tiny.py)."""
