@@ -18,7 +18,7 @@ from ...backends.calibration import CalibrationSettings
 from ...lora.write import DTYPES
 from ...merge.methods import METHOD_NAMES
 from ...merge.options import BUDGET_CHECK, MergeOptions
-from ...settings import REQUIRED, SettingError, field_default, setting
+from ...settings import SettingError, field_default, setting
 
 _DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
 
