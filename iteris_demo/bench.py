@@ -22,17 +22,17 @@ from pathlib import Path
 import torch
 
 from iteris_demo import shapes
-from iteris_sd.merge.backend import Deltas
 from iteris_demo.detect import concept_present, load_detector, read_attributes
 from iteris_demo.model import demo_assets
+from iteris_sd.app.pipeline import MergeReport, merge_loras, noise_errors, peak_memory_bytes
 from iteris_sd.backends.calibration import CalibrationSettings
 from iteris_sd.backends.diffusers import DiffusersBackend, load_backend
-from iteris_sd.lora.read import read_lora
 from iteris_sd.lora.layer import LoraFile
-from iteris_sd.merge.options import MergeOptions
-from iteris_sd.app.pipeline import MergeReport, identical_deltas, merge_loras, noise_errors, peak_memory_bytes
-from iteris_sd.progress import ProgressFn, no_progress
+from iteris_sd.lora.read import read_lora
+from iteris_sd.merge.backend import Deltas, same_deltas
 from iteris_sd.merge.methods import METHOD_NAMES
+from iteris_sd.merge.options import MergeOptions
+from iteris_sd.progress import ProgressFn, no_progress
 
 # CFG 2: the zero-terminal-SNR demo model over-saturates at higher scales (colours and
 # backgrounds drift; `scripts/train_demo_model.py --check --cfg 4` measures it)
@@ -98,7 +98,7 @@ def evaluate(backend: DiffusersBackend, detector, prob: Problem, references: lis
     for the names in ``presence_only`` (the reference rows of the tables) only the presences.
     Each distinct model is sampled once per prompt set (stack and concat are the same model,
     and a reference row is the model its image error compares against)."""
-    same_as = {name: next(n for n, d in candidates.items() if identical_deltas(d, deltas))
+    same_as = {name: next(n for n, d in candidates.items() if same_deltas(d, deltas))
                for name, deltas in candidates.items()}
     distinct = {name: deltas for name, deltas in candidates.items() if same_as[name] == name}
     scored = {first: distinct[first] for name, first in same_as.items() if name not in presence_only}
@@ -134,7 +134,7 @@ def _sampler(ev: DiffusersBackend, prompts: list[str], seed: int):
 
     def sample(deltas: Deltas) -> torch.Tensor:
         for d, images in done:
-            if identical_deltas(d, deltas):
+            if same_deltas(d, deltas):
                 return images
         done.append((deltas, ev.sample(prompts, seed, deltas)))
         return done[-1][1]
@@ -200,8 +200,8 @@ def calibrated(n_loras: int, assets=None, progress: ProgressFn = no_progress):
     """(problem, backend, per-LoRA deltas, CalibrationStats with the references captured) for
     the first n concept LoRAs of ``assets`` (default: the demo model): what IterIS variants
     start from."""
-    from iteris_sd.merge.calibration import CalibrationStats
     from iteris_sd.app.pipeline import concept_deltas
+    from iteris_sd.merge.calibration import CalibrationStats
 
     assets = assets or demo_assets(progress)
     prob = problem(n_loras)

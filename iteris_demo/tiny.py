@@ -88,7 +88,12 @@ def tiny_tokenizer():
 
 def build_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
     """A StableDiffusionPipeline with SD1.x's architecture at toy size, saved to ``folder``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iteris_sd.backends.diffusers import context_length
 from iteris_sd.progress import ProgressFn, no_progress
 
 # gen -> (x0 (b, C, h, w), prompts)
@@ -41,7 +42,7 @@ def noised(x0: Tensor, scheduler, gen: torch.Generator) -> tuple[Tensor, Tensor,
 
 
 def encode(text_encoder: nn.Module, tokenizer, prompts: list[str]) -> Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+    ids = tokenizer(prompts, padding="max_length", max_length=context_length(tokenizer, text_encoder), truncation=True,
                     return_tensors="pt").input_ids
     return text_encoder(ids)[0]
 
@@ -168,8 +169,8 @@ def write_lora(path: Path, params: dict[str, tuple[Tensor, Tensor]], targets: di
                components: dict[str, nn.Module], rank: int, alpha: float, metadata: dict[str, str],
                dtype: str = "fp32") -> Path:
     """Write ``train_lora``'s result as a kohya LoRA file for an SD1-architecture model."""
-    from iteris_sd.lora.write import write_kohya
     from iteris_sd.lora.keymap import build_keymap
+    from iteris_sd.lora.write import write_kohya
 
     keymap = build_keymap(components, "sd1")
     layers = {}

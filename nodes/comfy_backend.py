@@ -20,24 +20,24 @@ import logging
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
-import torch
-from torch import Tensor, nn
-
 import comfy.lora
 import comfy.lora_convert
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sample
 import comfy.weight_adapter
+import torch
+from torch import Tensor, nn
 
-from ..iteris_sd.merge.backend import Deltas, InputSink, Target
-from ..iteris_sd.lora.read import LoraFormatError
-from ..iteris_sd.backends.calibration import CalibrationSettings, spread
+from ..iteris_sd.backends.calibration import CalibrationSettings, TrajectoryCache, spread
 from ..iteris_sd.backends.hooks import hooked
 from ..iteris_sd.lora.keymap import KeyMismatchError
 from ..iteris_sd.lora.layer import LoraFile, LoraLayer
-from ..iteris_sd.progress import ProgressFn, no_progress
+from ..iteris_sd.lora.read import LoraFormatError
+from ..iteris_sd.merge.backend import Deltas, InputSink, Target
 from ..iteris_sd.merge.layers import ConvGeometry
+from ..iteris_sd.progress import ProgressFn, no_progress
+from ..iteris_sd.seeds import fold_seed
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class ComfyBackend:
             comfy.lora.model_lora_keys_clip(self.clip.cond_stage_model, self.key_map)
         self._names = _output_names(self.key_map, self.clip)
         self._modules: dict[str, nn.Module] = {}
-        self._trajectories: dict[int, _Trajectory] = {}
+        self._trajectories = TrajectoryCache()
         self._targets: dict[str, Target] = {}
 
     # ----- the Backend protocol
@@ -165,11 +165,14 @@ class ComfyBackend:
 
     # ----- calibration data
     def trajectory(self, concept: int, reference: Deltas, progress: ProgressFn = no_progress) -> _Trajectory:
-        """LoRA i's trajectory per prompt, sampled once by ComfyUI with LoRA i alone."""
-        if concept in self._trajectories:
-            return self._trajectories[concept]
+        """LoRA i's trajectory per prompt, sampled by ComfyUI with LoRA i alone; cached while
+        the prompts, settings and ``reference`` stay the same."""
         s = self.settings
-        traj = _Trajectory(list(self.concepts[concept]))
+        key = (tuple(self.concepts[concept]), s)
+        cached = self._trajectories.get(concept, key, reference)
+        if cached is not None:
+            return cached
+        traj = _Trajectory(list(key[0]))
         for p, prompt in enumerate(traj.prompts):
             calls: list[_Call] = []
             positive = self._conditioning(prompt, reference)
@@ -178,7 +181,7 @@ class ComfyBackend:
             model.set_model_unet_function_wrapper(_recorder(calls, self.model.model_options.get("model_function_wrapper")))
             latent = torch.zeros([1, 4, s.resolution // 8, s.resolution // 8])
             latent = comfy.sample.fix_empty_latent_channels(model, latent)
-            seed = s.seed + 1009 * concept + p
+            seed = fold_seed(s.seed + 1009 * concept + p)
             noise = comfy.sample.prepare_noise(latent, seed)
             phase = f"trajectory concept {concept + 1}"
             modules = self._module_map([reference], [])
@@ -187,7 +190,7 @@ class ComfyBackend:
                                     callback=lambda step, *_: progress(phase, p * s.steps + step + 1, len(traj.prompts) * s.steps),
                                     disable_pbar=True, seed=seed)
             traj.calls.append(calls)
-        self._trajectories[concept] = traj
+        self._trajectories.put(concept, key, reference, traj)
         return traj
 
     # ----- helpers

@@ -10,26 +10,16 @@ import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
-from ..iteris_sd.lora.read import file_sha256
-from ..iteris_sd.lora.layer import LoraFile
 from ..iteris_sd.app.pipeline import MergeReport, kohya_layers, merge_loras, merged_metadata
+from ..iteris_sd.lora.layer import LoraFile
+from ..iteris_sd.lora.read import file_sha256
 from ..iteris_sd.merge.methods import METHODS
 from ..iteris_sd.merge.options import MergeOptions
 from ..iteris_sd.merge.solve import RIDGE_TARGETS
 from .chart import convergence_image
 from .comfy_backend import ComfyBackend, ComfyCalibration
-from .lora_types import LoraList, named_layers
-
-
-class MergedLora(dict):
-    """A LORA_MODEL: ``diffusion_model.<module>.lora_up.weight`` / ``.lora_down.weight`` /
-    ``.alpha`` tensors, the keys ComfyUI's core "Load LoRA Model" applies to a MODEL. The
-    text-encoder part, the kohya layer names and the merge metadata ride along as
-    attributes, for the Save node."""
-
-    text_encoder: dict
-    names: dict
-    metadata: dict
+from .lora_model import MergedLora, MergeExtras, merged_lora, named_layers
+from .lora_types import LoraList
 
 
 class MergeNode(io.ComfyNode):
@@ -118,13 +108,12 @@ class MergeNode(io.ComfyNode):
 
 
 def _lora_model(backend: ComfyBackend, layers: dict, metadata: dict) -> MergedLora:
-    lora = MergedLora()
-    lora.text_encoder, lora.names, lora.metadata = {}, {}, metadata
+    unet, extras = {}, MergeExtras(metadata=metadata)
     for m, layer in layers.items():
         prefix = m[: -len(".weight")]
-        (lora if m in backend.unet_keys else lora.text_encoder).update(_state_dict({prefix: layer}))
-        lora.names[prefix] = backend.output_name(m)
-    return lora
+        (unet if m in backend.unet_keys else extras.text_encoder).update(_state_dict({prefix: layer}))
+        extras.names[prefix] = backend.output_name(m)
+    return merged_lora(unet, extras)
 
 
 def _state_dict(layers: dict) -> dict:

@@ -7,9 +7,8 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..iteris_sd.lora.write import write_kohya
-from ..iteris_sd.lora.write import DTYPES
-from .lora_types import named_layers
+from ..iteris_sd.lora.write import DTYPES, write_kohya
+from .lora_model import merge_extras, named_layers
 
 
 class SaveLoraNode(io.ComfyNode):
@@ -39,7 +38,8 @@ class SaveLoraNode(io.ComfyNode):
         layers = named_layers(lora)
         if not layers:
             raise ValueError(f"{filename}: the LoRA has no lora_up/lora_down layers to save")
-        metadata = getattr(lora, "metadata", None) or {"ss_network_module": "networks.lora"}
+        extras = merge_extras(lora)
+        metadata = (extras.metadata if extras is not None else None) or {"ss_network_module": "networks.lora"}
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_kohya(path, layers, metadata, dtype=dtype, overwrite=overwrite)
         return io.NodeOutput(ui=ui.PreviewText(f"saved {os.path.relpath(path, folder_paths.get_folder_paths('loras')[0])}"))

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from iteris_sd.merge.plan import fmt_bytes, parse_budget  # noqa: E402
 from iteris_demo.scale import MODELS, measure  # noqa: E402
+from iteris_sd.merge.plan import fmt_bytes, parse_budget  # noqa: E402
 
 # model -> (calibration resolution, sampling steps, captured timesteps)
 FULL = {"sd15": (512, 4, 2), "sdxl": (1024, 4, 2)}

@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from iteris_demo.bench import demo_backend, problem  # noqa: E402
 from iteris_demo.model import demo_assets  # noqa: E402
+from iteris_sd.app.pipeline import concept_deltas  # noqa: E402
 from iteris_sd.lora.read import read_lora  # noqa: E402
 from iteris_sd.merge.calibration import CalibrationStats  # noqa: E402
-from iteris_sd.app.pipeline import concept_deltas  # noqa: E402
 
 
 def kind(module_id: str) -> str:

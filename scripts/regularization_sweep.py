@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from iteris_demo.bench import calibrated, evaluate  # noqa: E402
-from iteris_demo.model import demo_assets  # noqa: E402
 from iteris_demo.detect import load_detector  # noqa: E402
+from iteris_demo.model import demo_assets  # noqa: E402
 from iteris_sd.merge.iterate import IterISConfig, run_iteris  # noqa: E402
 from iteris_sd.merge.regmean import regmean  # noqa: E402
 from iteris_sd.progress import no_progress  # noqa: E402

@@ -16,9 +16,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from iteris_demo.check import check_assets  # noqa: E402
-from iteris_sd.app.cli import TqdmProgress  # noqa: E402
 from iteris_demo.model import (  # noqa: E402
-    ASSETS, BASE_STEPS, FINETUNE_STEPS, LORA_STEPS, build_demo_assets, demo_assets)
+    ASSETS,
+    BASE_STEPS,
+    FINETUNE_STEPS,
+    LORA_STEPS,
+    build_demo_assets,
+    demo_assets,
+)
+from iteris_sd.app.cli import TqdmProgress  # noqa: E402
 
 
 def main() -> None:

@@ -8,8 +8,8 @@ import torch
 
 from iteris_demo import shapes
 from iteris_demo.check import check_assets
-from iteris_demo.model import ASSETS, build_demo_assets, demo_assets
 from iteris_demo.detect import accuracy, load_detector
+from iteris_demo.model import ASSETS, build_demo_assets, demo_assets
 from iteris_sd.backends.diffusers import load_backend
 from iteris_sd.lora.read import read_lora
 

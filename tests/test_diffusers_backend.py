@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from iteris_sd.app.pipeline import concept_deltas
 from iteris_sd.backends.calibration import CalibrationSettings
 from iteris_sd.backends.diffusers import load_backend
 from iteris_sd.lora.read import read_lora
 from iteris_sd.merge.iterate import IterISConfig, merge_iteris
-from iteris_sd.app.pipeline import concept_deltas
 
 pytestmark = pytest.mark.slow
 SETTINGS = CalibrationSettings(steps=4, timesteps=2, resolution=32)
@@ -110,3 +110,29 @@ def test_ridge_target_reaches_the_solve_through_merge_options(setup):
     for m, (_, Z) in direct.items():
         torch.testing.assert_close(merged["sum"][m][1], Z)
     assert any(not torch.allclose(merged["average"][m][1], merged["sum"][m][1]) for m in direct)
+
+
+def test_a_second_merge_with_other_loras_or_strengths_equals_a_fresh_backends(tiny_assets):
+    """Each concept's trajectory is sampled with LoRA i alone: another merge on the same backend
+    object (other LoRAs, other strengths) must sample it again, not reuse the first merge's."""
+    from iteris_demo.tiny import CONCEPTS
+    from iteris_sd.app.pipeline import merge_loras
+    from iteris_sd.merge.options import MergeOptions
+
+    base, paths = tiny_assets
+    prompts, settings = [list(c.prompts[:1]) for c in CONCEPTS[:2]], CalibrationSettings(steps=2, timesteps=1, resolution=16)
+    options = MergeOptions(iterations=0)
+    a, b = (read_lora(p) for p in paths)
+    reused = load_backend(str(base), prompts, settings, device="cpu")
+    merge_loras(reused, [a, b], ["iteris"], options)
+    for loras in ([b, a], [read_lora(paths[0], strength=0.5), b]):
+        again = merge_loras(reused, loras, ["iteris"], options).results["iteris"]
+        fresh = merge_loras(load_backend(str(base), prompts, settings, device="cpu"), loras, ["iteris"],
+                            options).results["iteris"]
+        assert again.deltas.keys() == fresh.deltas.keys()
+        assert all(torch.equal(x, y) for m in fresh.deltas for x, y in zip(again.deltas[m], fresh.deltas[m]))
+        assert again.calibration == fresh.calibration
+    # the same LoRAs once more, read anew (equal tensors, other objects): the trajectories are reused
+    reused._sample = lambda *args, **kwargs: pytest.fail("sampled a trajectory again")
+    same = merge_loras(reused, [read_lora(paths[0], strength=0.5), b], ["iteris"], options).results["iteris"]
+    assert same.calibration == again.calibration

@@ -35,15 +35,15 @@ import torch
 
 from iteris_sd.app import cli
 from iteris_sd.app.cli import main
+from iteris_sd.app.pipeline import ZeroDeltaWarning, merge_loras, run_recipe, write_merged
+from iteris_sd.app.recipe import load_recipe
 from iteris_sd.backends.calibration import CalibrationSettings
 from iteris_sd.backends.diffusers import DiffusersBackend, load_backend
-from iteris_sd.lora.read import LoraFormatError, read_lora
 from iteris_sd.lora.keymap import KeyMismatchError, ShapeMismatchError
-from iteris_sd.app.pipeline import ZeroDeltaWarning, merge_loras, run_recipe, write_merged
+from iteris_sd.lora.read import LoraFormatError, read_lora
 from iteris_sd.merge.options import MergeOptions
-from iteris_sd.progress import MergeCancelled
-from iteris_sd.app.recipe import load_recipe
 from iteris_sd.merge.solve import IllConditionedWarning
+from iteris_sd.progress import MergeCancelled
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = CalibrationSettings(steps=2, timesteps=1, resolution=16)
@@ -559,6 +559,68 @@ def test_prompt_longer_than_the_context_warns_and_is_truncated(tmp_path, base, k
     lines = visible_lines(err)
     assert len(lines) == 1 and lines[0].startswith("iteris-sd: warning: prompt 'a photo of sks")
     assert "longer than the text encoder's 77 tokens" in lines[0]
+
+
+def _tokenizer_without_model_max_length():
+    """The tiny model's tokenizer as a tokenizer_config.json without model_max_length loads."""
+    from transformers import CLIPTokenizer
+
+    from iteris_demo.tiny import tiny_tokenizer
+
+    tok = CLIPTokenizer(vocab=tiny_tokenizer().get_vocab(), merges=[])
+    assert tok.model_max_length > 1e29  # transformers' VERY_LARGE_INTEGER
+    return tok
+
+
+def test_tokenizer_without_model_max_length_pads_to_the_text_encoders_positions(base):
+    from iteris_sd.backends.diffusers import context_length
+
+    backend = backend_for(base, [["a photo"]])
+    expected = backend.token_ids(["a photo of sks"])[0]
+    backend.tokenizers[0] = _tokenizer_without_model_max_length()
+    assert backend.text_encoders[0].config.max_position_embeddings == 77
+    assert torch.equal(backend.token_ids(["a photo of sks"])[0], expected)  # (2, 77), not an OverflowError
+    # a length the encoder cannot take is replaced too; a shorter one is kept
+    assert context_length(_TokenizerOfLength(1000), backend.text_encoders[0]) == 77
+    assert context_length(_TokenizerOfLength(64), backend.text_encoders[0]) == 64
+    with pytest.raises(ValueError, match=r"^tokenizer CLIPTokenizer: model_max_length is 1e\+30, i.e. not set .* set model_max_length"):
+        context_length(_tokenizer_without_model_max_length(), object())
+
+
+class _TokenizerOfLength:
+    """Only what context_length reads of a tokenizer."""
+
+    def __init__(self, model_max_length):
+        self.model_max_length = model_max_length
+
+
+def test_seeds_fold_into_torchs_range_drawing_as_before():
+    from iteris_sd.seeds import fold_seed
+
+    top = 2**64 - 1
+    assert [fold_seed(s) for s in (0, 7, top, top + 1, top + 1009, -1)] == [0, 7, top, 0, 1008, top]
+    g = torch.Generator()
+    for s in (-1, -(2**63), 5, top, top + 20_011):
+        g.manual_seed(fold_seed(s))  # never an overflow
+    for s in (-1, -(2**63), 5, top):  # every seed torch accepted already draws what it drew
+        assert torch.equal(torch.randn(3, generator=g.manual_seed(s)), torch.randn(3, generator=g.manual_seed(fold_seed(s))))
+
+
+def test_largest_seed_merges_and_gives_the_same_merge_again(tmp_path, base, keymap):
+    """calibration_seed goes up to 2^64 - 1 (the ComfyUI widget); the offsets added to it (per
+    concept, held-out scoring, DARE's per-layer seed) are folded into torch's range."""
+    top = 2**64 - 1
+    loras = [read_lora(lora_file(tmp_path / f"{k}.safetensors", keymap, [K, CONV], seed=k)) for k in range(2)]
+    runs = []
+    for _ in range(2):
+        backend = load_backend(str(base), [["a photo"], ["zwx style"]], SETTINGS, seed=top, device="cpu")
+        runs.append(merge_loras(backend, loras, ["iteris", "dare"], MergeOptions(iterations=0, seed=top)))
+        reference = runs[-1].references[1]
+        assert backend.noise_fidelity(["zwx style"], top + 10_007, reference, {"same": reference})["same"] < 1e-3
+    for name in ("iteris", "dare"):
+        a, b = (r.results[name].deltas for r in runs)
+        assert finite(a) and a.keys() == b.keys()
+        assert all(torch.equal(x, y) for m in a for x, y in zip(a[m], b[m]))
 
 
 def test_non_ascii_prompts_paths_and_names(tmp_path, base, keymap, capsys):

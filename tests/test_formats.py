@@ -13,9 +13,9 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
+from iteris_sd.lora.layer import LoraFile
 from iteris_sd.lora.read import LoraFormatError, read_lora
 from iteris_sd.lora.write import kohya_metadata, write_kohya
-from iteris_sd.lora.layer import LoraFile
 
 GEN = torch.Generator().manual_seed(0)
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"

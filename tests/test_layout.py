@@ -1,6 +1,6 @@
 """The architecture, enforced: which layer may import which, no import cycles, small modules.
 
-Layers, bottom up: `iteris_sd.settings` / `iteris_sd.progress`, `iteris_sd.lora` (the
+Layers, bottom up: `iteris_sd.settings` / `progress` / `seeds`, `iteris_sd.lora` (the
 LoRA form and files), `iteris_sd.merge` (the algorithm), `iteris_sd.backends` (models),
 `iteris_sd.app` (pipeline, recipe, CLI); beside them `iteris_demo` (the toy world) and
 `nodes` (ComfyUI). Imports under ``if TYPE_CHECKING:`` are annotations only and do not count.
@@ -59,6 +59,7 @@ ALL_IMPORTS = {m: _imports(p) for m, p in SOURCES.items()}
 FORBIDDEN = {
     "iteris_sd.settings": ("iteris_sd.lora", "iteris_sd.merge", "iteris_sd.backends", "iteris_sd.app"),
     "iteris_sd.progress": ("iteris_sd.lora", "iteris_sd.merge", "iteris_sd.backends", "iteris_sd.app"),
+    "iteris_sd.seeds": ("iteris_sd.lora", "iteris_sd.merge", "iteris_sd.backends", "iteris_sd.app"),
     "iteris_sd.lora": ("iteris_sd.merge", "iteris_sd.backends", "iteris_sd.app"),
     "iteris_sd.merge": ("iteris_sd.backends", "iteris_sd.app"),
     "iteris_sd.backends": ("iteris_sd.app",),

@@ -15,26 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from iteris_sd.app import pipeline
+from iteris_sd.app.pipeline import merge_loras
+from iteris_sd.lora.layer import LoraFile, LoraLayer
 from iteris_sd.merge import iterate
 from iteris_sd.merge.calibration import CalibrationStats
 from iteris_sd.merge.chunks import MemoryPlanWarning, MergeOutOfMemory, is_out_of_memory
 from iteris_sd.merge.iterate import IterISConfig, run_iteris
-from iteris_sd.merge.measure import measure
-from iteris_sd.lora.layer import LoraFile, LoraLayer
-from iteris_sd.app import pipeline
-from iteris_sd.app.pipeline import merge_loras
-from iteris_sd.merge.options import MergeOptions
-from iteris_sd.merge.plan import (
-    GiB,
-    LayerSpec,
-    MiB,
-    PlanError,
-    layer_bytes,
-    make_plan,
-    parse_budget,
-    plan_merge,
-)
 from iteris_sd.merge.layers import ConvGeometry
+from iteris_sd.merge.measure import measure
+from iteris_sd.merge.options import MergeOptions
+from iteris_sd.merge.plan import GiB, LayerSpec, MiB, PlanError, layer_bytes, make_plan, parse_budget, plan_merge
 
 OOM = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 

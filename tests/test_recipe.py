@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from iteris_sd.merge.iterate import IterISConfig
-from iteris_sd.merge.options import MergeOptions
 from iteris_sd.app.recipe import (
     EXAMPLE_RECIPE,
     REQUIRED,
@@ -24,6 +22,8 @@ from iteris_sd.app.recipe import (
     recipe_fields,
     recipe_to_dict,
 )
+from iteris_sd.merge.iterate import IterISConfig
+from iteris_sd.merge.options import MergeOptions
 
 
 @pytest.fixture

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from iteris_sd.app.pipeline import merge_loras, write_merged
 from iteris_sd.backends.calibration import CalibrationSettings
 from iteris_sd.backends.diffusers import DiffusersBackend
 from iteris_sd.lora.read import read_lora
 from iteris_sd.lora.write import write_kohya
-from iteris_sd.app.pipeline import merge_loras, write_merged
 from iteris_sd.merge.options import MergeOptions
 
 pytestmark = pytest.mark.slow

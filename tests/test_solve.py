@@ -138,6 +138,25 @@ def test_ridge_target_sets_what_the_merge_does_where_no_calibration_input_reache
         torch.testing.assert_close(W[:, 4:], expected[:, 4:], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("form", ["primal", "dual"])
+def test_a_layer_no_calibration_input_reaches_gets_the_ridge_target(form):
+    # Every input is zero, so every Gram is 0 and the objective is flat: W* is the ridge's target,
+    # over all N = 3 concepts (the third does not touch the layer: a zero delta).
+    g = torch.Generator().manual_seed(13)
+    factors = [lowrank(5, 6, 2, g), lowrank(5, 6, 3, g), None]
+    zeros = torch.zeros(10, 6)
+    stats = [stats_for(zeros, zeros) if form == "primal" else sampled(zeros, zeros) for _ in factors]
+    p = LayerProblem("l", torch.randn(5, 6, generator=g), factors, stats)
+    dW1, dW2 = (B @ A for B, A in factors[:2])
+    assert adaptive_weights(p) == [0.0, 0.0, 0.0]  # 0 / 0: undefined, so equal weights
+    cases = [(adaptive_weights(p), (dW1 + dW2) / 3), ([1.0, 1.0, 1.0], (dW1 + dW2) / 3), ([2.0, 1.0, 1.0], (2 * dW1 + dW2) / 4)]
+    for weights, average in cases:
+        for reg in (0.0, 1e-2):
+            for target, expected in (("average", average), ("sum", dW1 + dW2)):
+                Z = solve_layer(p, weights, reg, form=form, ridge_target=target).double()
+                torch.testing.assert_close(p.up @ Z, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_an_unknown_ridge_target_is_refused_by_name():
     g = torch.Generator().manual_seed(5)
     p = LayerProblem("l", torch.randn(3, 4, generator=g), [lowrank(3, 4, 1, g)], [stats_for(torch.randn(8, 4, generator=g))])

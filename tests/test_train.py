@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from iteris_demo import shapes
-from iteris_demo.train import noised
+from iteris_demo.train import encode, noised
 
 
 def _scheduler(**kw):
@@ -34,6 +34,20 @@ def test_v_target_recovers_the_clean_picture_and_matches_diffusers():
 def test_an_unsupported_prediction_type_is_refused_by_name():
     with pytest.raises(ValueError, match="sample"):
         noised(torch.zeros(1, 3, 4, 4), _scheduler(prediction_type="sample"), torch.Generator())
+
+
+def test_encode_pads_to_the_text_encoders_positions_when_the_tokenizer_has_no_length():
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from iteris_demo.tiny import tiny_tokenizer
+
+    tok = CLIPTokenizer(vocab=tiny_tokenizer().get_vocab(), merges=[])  # model_max_length: 1e30
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=20)).eval()
+    with torch.no_grad():
+        hidden = encode(te, tok, ["a photo", "zwx style"])
+    assert hidden.shape == (2, 20, 8)
 
 
 def test_caption_probe_pulls_a_text_encoders_shape_and_position_words_apart():

@@ -21,7 +21,7 @@ from ..lora.layer import LoraFile
 from ..lora.lowrank import balance, truncate
 from ..lora.read import read_lora
 from ..lora.write import kohya_metadata, write_kohya
-from ..merge.backend import Backend, Deltas
+from ..merge.backend import Backend, Deltas, same_deltas
 from ..merge.calibration import CalibrationStats
 from ..merge.iterate import IterationRecord
 from ..merge.measure import measure
@@ -160,7 +160,7 @@ def merge_loras(
         if options.rank is not None:
             deltas, kept = _truncate_all(deltas, options.rank)
             energy = {m: e * energy.get(m, 1.0) for m, e in kept.items()}
-        same = next((r for r in report.results.values() if identical_deltas(r.deltas, deltas)), None)
+        same = next((r for r in report.results.values() if same_deltas(r.deltas, deltas)), None)
         if out.history and options.rank is None:  # IterIS measured its kept iterate already
             errors = out.history[out.chosen_iteration].errors
         elif same is not None:  # concat is stack written differently: one calibration pass less
@@ -172,11 +172,6 @@ def merge_loras(
     report.seconds = time.perf_counter() - start
     report.peak_memory_bytes = peak_memory_bytes()
     return report
-
-
-def identical_deltas(a: Deltas, b: Deltas) -> bool:
-    """The same layers with bit-identical factors (so the same merged model)."""
-    return a.keys() == b.keys() and all(torch.equal(x, y) for m in a for x, y in zip(a[m], b[m]))
 
 
 def noise_errors(backend, references: Sequence[Deltas], deltas: dict[str, Deltas], prompts: Sequence[Sequence[str]],

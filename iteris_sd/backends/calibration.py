@@ -3,8 +3,11 @@ backend, the recipe's ``[calibration]`` table and the CLI's ``--calibration.*`` 
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Any
 
+from ..merge.backend import Deltas, same_deltas
 from ..settings import check_settings, setting
 
 SAMPLERS = ("ddim", "euler", "dpmpp_2m")
@@ -36,3 +39,22 @@ def spread(items: list, count: int) -> list:
     if count == 1:
         return [items[len(items) // 2]]
     return [items[round(k * (len(items) - 1) / (count - 1))] for k in range(count)]
+
+
+class TrajectoryCache:
+    """Each concept's calibration trajectory, reused only for what it was sampled from: the
+    same ``key`` (the backend's prompts, settings and seed) and the same reference deltas
+    (the very tensors, or equal ones). Another merge on the same backend, with other LoRAs,
+    strengths, prompts or settings, samples afresh (and replaces the concept's entry)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Hashable, Deltas, Any]] = {}
+
+    def get(self, concept: int, key: Hashable, reference: Deltas) -> Any | None:
+        entry = self._entries.get(concept)
+        if entry is not None and entry[0] == key and same_deltas(entry[1], reference):
+            return entry[2]
+        return None
+
+    def put(self, concept: int, key: Hashable, reference: Deltas, trajectory: Any) -> None:
+        self._entries[concept] = (key, dict(reference), trajectory)

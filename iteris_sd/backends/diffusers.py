@@ -16,13 +16,14 @@ from typing import Collection
 import torch
 from torch import Tensor, nn
 
-from ..merge.backend import Deltas, InputSink, Target
-from .calibration import CalibrationSettings, spread
-from .hooks import hooked
 from ..lora.keymap import KeyMap, build_keymap, detect_family
 from ..lora.layer import LoraFile, LoraLayer
-from ..progress import ProgressFn, no_progress
+from ..merge.backend import Deltas, InputSink, Target
 from ..merge.layers import ConvGeometry
+from ..progress import ProgressFn, no_progress
+from ..seeds import fold_seed
+from .calibration import CalibrationSettings, TrajectoryCache, spread
+from .hooks import hooked
 
 
 @dataclass
@@ -60,7 +61,7 @@ class DiffusersBackend:
         if len(text_encoders) > 1:
             components["text_encoder_2"] = text_encoders[1]
         self.keymap: KeyMap = build_keymap(components, self.family)
-        self._trajectories: dict[int, Trajectory] = {}
+        self._trajectories = TrajectoryCache()
 
     # ----- the Backend protocol
     def match(self, lora: LoraFile) -> dict[str, LoraLayer]:
@@ -90,15 +91,20 @@ class DiffusersBackend:
 
     # ----- calibration data and evaluation
     def trajectory(self, concept: int, reference: Deltas, progress: ProgressFn = no_progress) -> Trajectory:
-        """LoRA i's calibration trajectory, sampled once with LoRA i alone (``reference``)
-        from its prompts and a seed of its own, and cached."""
-        if concept not in self._trajectories:
-            ids = self.token_ids(self.concepts[concept])
+        """LoRA i's calibration trajectory, sampled with LoRA i alone (``reference``) from its
+        prompts and a seed of its own; cached while the prompts, settings, seed and
+        ``reference`` stay the same."""
+        prompts = tuple(self.concepts[concept])
+        key = (prompts, self.settings, self.seed)
+        traj = self._trajectories.get(concept, key, reference)
+        if traj is None:
+            ids = self.token_ids(list(prompts))
             seed = self.seed + 1009 * concept
             steps, _ = self._sample(ids, seed, [reference], progress=progress,
                                     phase=f"trajectory concept {concept + 1}")
-            self._trajectories[concept] = Trajectory(ids, steps)
-        return self._trajectories[concept]
+            traj = Trajectory(ids, steps)
+            self._trajectories.put(concept, key, reference, traj)
+        return traj
 
     def noise_fidelity(self, prompts: list[str], seed: int, reference: Deltas,
                        candidates: dict[str, Deltas], progress: ProgressFn = no_progress) -> dict[str, float]:
@@ -137,8 +143,8 @@ class DiffusersBackend:
         repeated ``seeds`` times. A prompt longer than the context is truncated, with a warning."""
         prompts = [p for p in prompts for _ in range(self.settings.seeds)]
         out = []
-        for tok in self.tokenizers:
-            L = tok.model_max_length
+        for tok, te in zip(self.tokenizers, self.text_encoders):
+            L = context_length(tok, te)
             for p in prompts:
                 if len(tok(p).input_ids) > L:
                     warnings.warn(f"prompt {p[:40]!r}... is longer than the text encoder's {L} tokens; the rest is ignored")
@@ -161,7 +167,7 @@ class DiffusersBackend:
         sched.set_timesteps(s.steps)
         b = token_ids[0].shape[0] // 2
         side = s.resolution // self.vae_scale_factor
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(fold_seed(seed))
         latents = torch.randn(b, self.unet.config.in_channels, side, side, generator=g) * sched.init_noise_sigma
         latents = latents.to(self._device())
         steps = []
@@ -210,8 +216,35 @@ class DiffusersBackend:
         return hooked(self.keymap.modules, chunks, capture, sink)
 
 
+_UNSET_LENGTH = 10**9  # a model_max_length this large means "not set" (transformers reports 1e30)
+
+
+def context_length(tokenizer, text_encoder) -> int:
+    """L, the token length prompts are padded and truncated to: the tokenizer's
+    ``model_max_length``, unless it is absent or longer than the text encoder's
+    ``config.max_position_embeddings`` (a tokenizer_config.json without it reports 1e30,
+    transformers' VERY_LARGE_INTEGER); then the latter."""
+    length = getattr(tokenizer, "model_max_length", None)
+    given = isinstance(length, int) and 0 < length < _UNSET_LENGTH
+    positions = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", None)
+    if positions is None:
+        if given:
+            return length
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        unset = isinstance(length, int) and length >= _UNSET_LENGTH
+        value = f"{float(length):.0e}, i.e. not set" if unset else repr(length)
+        raise ValueError(f"tokenizer {name}: model_max_length is {value} and the text encoder has no "
+                         "config.max_position_embeddings; set model_max_length in its tokenizer_config.json "
+                         "(77 for CLIP)")
+    return length if given and length <= positions else int(positions)
+
+
 def make_scheduler(sampler: str, config: dict):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+    )
 
     cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}[sampler]
     return cls.from_config(config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Collection, Protocol
 
+import torch
 from torch import Tensor
 
 from ..lora.layer import LoraFile, LoraLayer
@@ -68,3 +69,13 @@ class Backend(Protocol):
     ) -> dict[str, float]:
         """For evaluation: per candidate, sqrt(sum_t ||eps_cand - eps_ref||^2 / sum_t
         ||eps_ref - eps_base||^2) along the reference's own CFG trajectory from ``seed``."""
+
+
+def same_deltas(a: Deltas, b: Deltas) -> bool:
+    """The same layers with the same factors (so the same merged model): the same tensors
+    (no cost), or bit-identical ones."""
+    return a.keys() == b.keys() and all(_same(x, y) for m in a for x, y in zip(a[m], b[m]))
+
+
+def _same(x: Tensor, y: Tensor) -> bool:
+    return x is y or (x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y))

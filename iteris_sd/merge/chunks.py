@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ..progress import ProgressFn, no_progress
-from .plan import GiB, MIN_TOKENS, Plan, device_memory, fmt_bytes, layer_bytes
+from .plan import MIN_TOKENS, GiB, Plan, device_memory, fmt_bytes, layer_bytes
 
 if TYPE_CHECKING:
     from .calibration import CalibrationStats

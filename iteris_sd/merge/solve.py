@@ -138,11 +138,12 @@ def _solve_primal(problem: LayerProblem, weights: list[float], reg: float, dev: 
                   ridge_target: str = "average") -> Tensor:
     # Arithmetic as D += c (H + a||H|| I), done in place (one d_in x d_in temporary at a time).
     D = None
-    data, downs, own_ridge, total_ridge = [], [], [], 0.0
+    data, downs, own_ridge, total_ridge, reached = [], [], [], 0.0, False
     for f, st, c in zip(problem.factors, problem.stats, weights):
         T = st.merged_gram64(dev)
         norm = torch.linalg.matrix_norm(T)
         _check_finite(problem.name, norm)  # a NaN or Inf anywhere in T makes its norm one
+        reached = reached or float(norm) > 0
         T.diagonal().add_(reg * norm)
         total_ridge += c * reg * float(norm)
         T.mul_(c)
@@ -159,7 +160,27 @@ def _solve_primal(problem: LayerProblem, weights: list[float], reg: float, dev: 
             downs.append(A.T)
             own_ridge.append(c * reg * float(torch.linalg.matrix_norm(C)))
             del C
+    if not reached:
+        return unreached_target(problem, weights, ridge_target).to(dev).T
     return solve_spd(D, _with_prior(data, downs, own_ridge, total_ridge, ridge_target), problem.name)
+
+
+def unreached_target(problem: LayerProblem, weights: list[float], ridge_target: str) -> Tensor:
+    """Z (R, d_in, float64) where no calibration input reaches the layer (every H_i = 0): the
+    objective is flat there, so W* is what the ridge pulls toward, its target itself:
+
+        "sum":      W* = sum_i dW_i
+        "average":  W* = sum_i c_i dW_i / sum_i c_i   (over all N concepts; equal c_i when
+                    the adaptive weights are undefined, all 0: W* = sum_i dW_i / N)
+    """
+    downs = [f[1].double() for f in problem.factors if f is not None]
+    if ridge_target == "sum":
+        return torch.cat(downs)
+    total = sum(weights)
+    share = weights if total > 0 and math.isfinite(total) else [1.0] * len(weights)
+    total = sum(share)
+    present = [c / total for f, c in zip(problem.factors, share) if f is not None]
+    return torch.cat([c * A for c, A in zip(present, downs)])
 
 
 def _solve_dual(problem: LayerProblem, weights: list[float], reg: float, dev: torch.device,

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..lora.lowrank import _check_rank, dense_to_factors, truncate
+from ..seeds import fold_seed
 
 Factors = tuple[Tensor, Tensor]
 
@@ -140,7 +141,7 @@ def dare(
     _check_rank(rank)
     _check_density(density)
     taus = _dense_taus(factors, weights)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    gen = torch.Generator(device="cpu").manual_seed(fold_seed(seed))
     merged = torch.zeros_like(taus[0])
     for tau in taus:
         keep = torch.rand(tau.shape, generator=gen) < density

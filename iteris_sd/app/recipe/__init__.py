@@ -11,12 +11,12 @@ them all for the CLI's ``--help`` and the README.
 """
 
 from ...backends.calibration import SAMPLERS, CalibrationSettings
+from ...lora.write import DTYPES
 from ...merge.solve import RIDGE_TARGETS
 from ...settings import REQUIRED
 from .example import EXAMPLE_RECIPE
 from .overrides import apply_overrides
 from .parse import load_recipe, parse_recipe
-from ...lora.write import DTYPES
 from .schema import FieldInfo, LoraSpec, Recipe, RecipeError, recipe_fields, recipe_to_dict
 
 __all__ = [

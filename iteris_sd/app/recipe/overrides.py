@@ -12,7 +12,6 @@ from ...backends.calibration import CalibrationSettings
 from .parse import _Ctx, _parse
 from .schema import Recipe, RecipeError, _hints, _split_optional, recipe_to_dict
 
-
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 

@@ -21,7 +21,6 @@ from ...backends.calibration import CalibrationSettings
 from ...settings import SettingError, check_setting, show
 from .schema import LoraSpec, Recipe, RecipeError, _hints, _split_optional, _type_text
 
-
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
                list: "an array", dict: "a table"}
 
