@@ -7,7 +7,7 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..iteris_sd.lora.write import DTYPES, write_kohya
+from ..iteris_sd.lora.write import DEFAULT_DTYPE, DTYPES, write_kohya
 from .lora_model import merge_extras, named_layers
 
 
@@ -24,7 +24,7 @@ class SaveLoraNode(io.ComfyNode):
                 io.LoraModel.Input("lora", tooltip="The LoRA to save."),
                 io.String.Input("filename", default="iteris_merged",
                                 tooltip="File name inside models/loras (subfolders allowed, .safetensors added)."),
-                io.Combo.Input("dtype", options=list(DTYPES), default="fp16", tooltip="Precision of the saved tensors."),
+                io.Combo.Input("dtype", options=list(DTYPES), default=DEFAULT_DTYPE, tooltip="Precision of the saved tensors."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name; otherwise saving refuses."),
             ],
             outputs=[],

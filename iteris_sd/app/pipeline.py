@@ -20,7 +20,7 @@ import torch
 from ..lora.layer import LoraFile
 from ..lora.lowrank import balance, truncate
 from ..lora.read import read_lora
-from ..lora.write import kohya_metadata, write_kohya
+from ..lora.write import DEFAULT_DTYPE, kohya_metadata, write_kohya
 from ..merge.backend import Backend, Deltas, same_deltas
 from ..merge.calibration import CalibrationStats
 from ..merge.iterate import IterationRecord
@@ -188,7 +188,7 @@ def noise_errors(backend, references: Sequence[Deltas], deltas: dict[str, Deltas
 
 
 def write_merged(path: str, backend: Backend, deltas: Deltas, *, inputs: Sequence[LoraFile], recipe: dict,
-                 dtype: str = "fp16", overwrite: bool = False) -> None:
+                 dtype: str = DEFAULT_DTYPE, overwrite: bool = False) -> None:
     """Write ``deltas`` as a kohya LoRA with alpha = rank (scale 1) and the merge metadata."""
     layers = kohya_layers(backend, deltas)
     write_kohya(path, {backend.output_name(m): v for m, v in layers.items()},

@@ -21,6 +21,7 @@ from .layer import LoraFile
 
 TENSOR_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # what write_kohya writes
 DTYPES = tuple(TENSOR_DTYPES)
+DEFAULT_DTYPE = "fp16"
 _KOHYA_NAME = re.compile(r"lora_(?:unet|te|te1|te2)_[^.\s]+")
 
 
@@ -28,7 +29,7 @@ def write_kohya(
     path: str | os.PathLike,
     layers: dict[str, tuple[Tensor, Tensor, float]],
     metadata: dict[str, str],
-    dtype: str = "fp16",
+    dtype: str = DEFAULT_DTYPE,
     overwrite: bool = False,
 ) -> None:
     """Write ``{name: (up, down, alpha)}`` as a kohya LoRA, atomically.

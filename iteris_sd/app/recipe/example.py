@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...backends.calibration import SAMPLERS, CalibrationSettings
-from ...lora.write import DTYPES
+from ...lora.write import DEFAULT_DTYPE, DTYPES
 from ...merge.methods import METHOD_NAMES
 from ...merge.options import MergeOptions
 
@@ -47,7 +47,7 @@ method = "iteris"         # {", ".join(METHOD_NAMES)}
 {_line("density", v["density"], "fraction kept by ties and dare, in (0, 1]")}
 compare = ["linear", "regmean"]  # other methods scored in the same run for the report
 
-dtype = "fp16"            # {", ".join(DTYPES)}
+{_line("dtype", _toml(DEFAULT_DTYPE), ", ".join(DTYPES))}
 device = "auto"           # auto, cpu, cuda, cuda:N, mps
 {_line("seed", v["seed"], "seed of the calibration noise")}
 {_line("memory_budget", v["memory_budget"], 'for statistics and solves: auto (free memory less a margin), none, "6GiB"')}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ...backends.calibration import CalibrationSettings
-from ...lora.write import DTYPES
+from ...lora.write import DEFAULT_DTYPE, DTYPES
 from ...merge.methods import METHOD_NAMES
 from ...merge.options import BUDGET_CHECK, MergeOptions
 from ...settings import SettingError, field_default, setting
@@ -39,17 +39,17 @@ class LoraSpec:
     """One ``[[lora]]`` entry: a LoRA file and the prompts that calibrate it."""
 
     path: str = setting("The LoRA file (.safetensors); relative paths are resolved against the "
-                   "recipe's folder.", kind="file")
+                        "recipe's folder.", kind="file")
     strength: float = setting("Multiplier on the LoRA's delta before merging (its usual "
-                         "strength; negative values are allowed).", 1.0)
+                              "strength; negative values are allowed).", 1.0)
     prompts: list[str] = setting("Calibration prompts (1 or more non-empty strings, each "
-                            "stripped) on which the LoRA's own outputs are captured; "
-                            "use the LoRA's trigger words.", min_items=1)
+                                 "stripped) on which the LoRA's own outputs are captured; "
+                                 "use the LoRA's trigger words.", min_items=1)
     name: str | None = setting("Name in reports and metadata; default: the file name without "
-                          "its extension.", None, nonblank=True)
+                               "its extension.", None, nonblank=True)
     held_out_prompts: list[str] = setting("Prompts used only to evaluate the merge, never to "
-                                     "calibrate it; each must differ from every prompt "
-                                     "in `prompts`.", [])
+                                          "calibrate it; each must differ from every prompt "
+                                          "in `prompts`.", [])
 
 
 @dataclass(kw_only=True)
@@ -57,16 +57,16 @@ class Recipe:
     """A whole merge: base model, LoRAs, method and settings, all validated."""
 
     base: str = setting("The base model: a diffusers folder or a single-file checkpoint "
-                   "(.safetensors).", kind="exists")
+                        "(.safetensors).", kind="exists")
     output: str = setting("The merged LoRA to write (.safetensors); its folder must exist.",
-                     kind="output")
+                          kind="output")
     method: str = setting("Merge method: " + ", ".join(METHOD_NAMES) + ".", "iteris", choices=METHOD_NAMES)
     iterations: int = _option("iterations")
     rank: int | None = _option("rank")
     dtype: str = setting("Precision of the tensors in the written LoRA file: "
-                    + ", ".join(DTYPES) + ".", "fp16", choices=DTYPES)
+                         + ", ".join(DTYPES) + ".", DEFAULT_DTYPE, choices=DTYPES)
     device: str = setting("Device: auto, cpu, cuda, cuda:N or mps.", "auto", pattern=_DEVICE_RE,
-                     expected="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+                          expected="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     seed: int = _option("seed")
     overwrite: bool = setting("Replace `output` if it already exists.", False)
     damping: float = _option("damping")
@@ -74,20 +74,20 @@ class Recipe:
     ridge_target: str = _option("ridge_target")
     adaptive_weights: bool = _option("adaptive_weights")
     compare: list[str] = setting("Other methods evaluated in the same run for the report table "
-                            "(same names as `method`, no repeats).", [], item_choices=METHOD_NAMES,
-                            unique=True)
+                                 "(same names as `method`, no repeats).", [], item_choices=METHOD_NAMES,
+                                 unique=True)
     density: float = _option("density")
     base_config: str | None = setting("A diffusers folder holding the configs and tokenizers "
-                                 "for a single-file `base`; omit it (or pass 'none') to infer "
-                                 "them.", None,
-                                 kind="folder")
+                                      "for a single-file `base`; omit it (or pass 'none') to infer "
+                                      "them.", None,
+                                      kind="folder")
     memory_budget: str = _option("memory_budget", **BUDGET_CHECK)
     chunk_layers: int | None = _option("chunk_layers")
     tokens: int | None = _option("tokens")
     solve_device: str = _option("solve_device")
     calibration: CalibrationSettings = setting("The [calibration] table.", CalibrationSettings())
     lora: list[LoraSpec] = setting("The [[lora]] tables: the LoRAs to merge (at least 1).",
-                              min_items=1)
+                                   min_items=1)
 
 
 def _hints(cls: type) -> dict[str, Any]:
