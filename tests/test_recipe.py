@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 
 from iteris_sd.app.recipe import (
-    EXAMPLE_RECIPE,
     REQUIRED,
-    CalibrationSettings,
     LoraSpec,
     Recipe,
     RecipeError,
     apply_overrides,
+    example_recipe,
     load_recipe,
     parse_recipe,
     recipe_fields,
     recipe_to_dict,
 )
+from iteris_sd.backends.calibration import CalibrationSettings
 from iteris_sd.merge.iterate import IterISConfig
 from iteris_sd.merge.options import MergeOptions
 
@@ -471,15 +471,15 @@ def test_example_recipe_parses_and_shows_every_field(tmp_path):
     (tmp_path / "loras" / "style_watercolor.safetensors").write_bytes(b"x")
     (tmp_path / "loras" / "character_alice.safetensors").write_bytes(b"x")
     (tmp_path / "out").mkdir()
-    path = write(tmp_path / "recipe.toml", EXAMPLE_RECIPE)
+    path = write(tmp_path / "recipe.toml", example_recipe())
     r = load_recipe(path)
     assert len(r.lora) == 2 and r.lora[0].held_out_prompts
     assert r.output == str(tmp_path / "out" / "merged.safetensors")
     for row in recipe_fields():
         key = row.name.rsplit(".", 1)[-1]
-        assert re.search(rf"^#? ?{re.escape(key)} = ", EXAMPLE_RECIPE, re.M), row.name
+        assert re.search(rf"^#? ?{re.escape(key)} = ", example_recipe(), re.M), row.name
     # the commented-out fields parse too
-    uncommented = re.sub(r"^# (rank|base_config) = ", r"\1 = ", EXAMPLE_RECIPE, flags=re.M)
+    uncommented = re.sub(r"^# (rank|base_config) = ", r"\1 = ", example_recipe(), flags=re.M)
     r2 = load_recipe(write(tmp_path / "recipe2.toml", uncommented))
     assert r2.rank == 64 and r2.base_config == str(tmp_path / "models" / "stable-diffusion-v1-5")
 

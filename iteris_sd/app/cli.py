@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 from ..merge.options import MergeOptions
-from .recipe import EXAMPLE_RECIPE, REQUIRED, recipe_fields
+from .recipe import REQUIRED, example_recipe, recipe_fields
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, FloatingPointError,
                MemoryError)  # MemoryError: iteris_sd.merge.plan.MergeOutOfMemory, whose message names a budget
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     merge = sub.add_parser("merge", help="merge the LoRAs of a TOML recipe",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog=_fields_help() + "\n\nexample recipe:\n" + textwrap.indent(EXAMPLE_RECIPE, "  "))
+                           epilog=_fields_help() + "\n\nexample recipe:\n" + textwrap.indent(example_recipe(), "  "))
     merge.add_argument("recipe", help="the recipe .toml file")
     for f in recipe_fields():
         if f.name.startswith("lora[]"):
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "example-recipe":
-        print(EXAMPLE_RECIPE)
+        print(example_recipe())
         return 0
     if args.command == "scale":
         from iteris_demo.scale import run_scale

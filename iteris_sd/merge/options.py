@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from ..settings import check_settings, setting
 from .iterate import IterISConfig
-from .plan import BUDGET_RE
 from .solve import RIDGE_TARGETS
 
 SOLVE_DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+")
@@ -66,6 +65,3 @@ class MergeOptions:
         return IterISConfig(iterations=self.iterations, damping=self.damping, regularization=self.regularization,
                             ridge_target=self.ridge_target, adaptive=self.adaptive_weights)
 
-
-# The recipe's check of memory_budget (MergeOptions also takes a number of bytes)
-BUDGET_CHECK = {"pattern": BUDGET_RE, "expected": "'auto', 'none' or a size such as '6GiB' or '800MB'"}

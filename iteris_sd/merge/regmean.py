@@ -19,7 +19,7 @@ from torch import Tensor
 from ..progress import ProgressFn, no_progress
 from .backend import Backend, Deltas
 from .chunks import run_chunks
-from .solve import LayerProblem, _check_finite, choose_form, solve_device, solve_spd, woodbury_solve
+from .solve import LayerProblem, check_finite, choose_form, solve_device, solve_spd, woodbury_solve
 
 if TYPE_CHECKING:
     from .calibration import CalibrationStats
@@ -56,7 +56,7 @@ def regmean_layer(problem: LayerProblem, alpha: float = 0.9, device=None) -> Ten
     rhs = []
     for f, st in zip(problem.factors, problem.stats):
         G = st.gram64(dev)
-        _check_finite(problem.name, G)
+        check_finite(problem.name, G)
         diag = G.diagonal().clone()
         G.mul_(alpha)
         G.diagonal().add_((1 - alpha) * diag)
@@ -71,7 +71,7 @@ def _regmean_dual(problem: LayerProblem, alpha: float, dev) -> Tensor | None:
     Ys, rhs, diag = [], [], None
     for f, st in zip(problem.factors, problem.stats):
         X, _, _, s = st.rows64(dev)
-        _check_finite(problem.name, X)
+        check_finite(problem.name, X)
         d = s * (X * X).sum(dim=0)
         diag = d if diag is None else diag + d
         Ys.append(math.sqrt(alpha * s) * X)

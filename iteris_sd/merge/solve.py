@@ -142,7 +142,7 @@ def _solve_primal(problem: LayerProblem, weights: list[float], reg: float, dev: 
     for f, st, c in zip(problem.factors, problem.stats, weights):
         T = st.merged_gram64(dev)
         norm = torch.linalg.matrix_norm(T)
-        _check_finite(problem.name, norm)  # a NaN or Inf anywhere in T makes its norm one
+        check_finite(problem.name, norm)  # a NaN or Inf anywhere in T makes its norm one
         reached = reached or float(norm) > 0
         T.diagonal().add_(reg * norm)
         total_ridge += c * reg * float(norm)
@@ -190,7 +190,7 @@ def _solve_dual(problem: LayerProblem, weights: list[float], reg: float, dev: to
     Ys, data, downs, own_ridge, lam = [], [], [], [], 0.0
     for f, st, c in zip(problem.factors, problem.stats, weights):
         _, Xp, Xm, s = st.rows64(dev)
-        _check_finite(problem.name, Xm)
+        check_finite(problem.name, Xm)
         Km = Xm @ Xm.T
         lam += c * reg * s * float(torch.linalg.matrix_norm(Km))  # ||X~^T X~||_F = ||X~ X~^T||_F
         Ys.append(math.sqrt(c * s) * Xm)
@@ -288,7 +288,7 @@ def concept_residuals(problem: LayerProblem, U: Tensor, Z: Tensor, device=None) 
     return residuals, references
 
 
-def _check_finite(name: str, t: Tensor) -> None:
+def check_finite(name: str, t: Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
         raise FloatingPointError(
             f"layer {name}: calibration inputs contain NaN/Inf (the model overflowed; "

@@ -10,11 +10,8 @@ Each dataclass field carries its help text in ``metadata["help"]``; `recipe_fiel
 them all for the CLI's ``--help`` and the README.
 """
 
-from ...backends.calibration import SAMPLERS, CalibrationSettings
-from ...lora.write import DTYPES
-from ...merge.solve import RIDGE_TARGETS
 from ...settings import REQUIRED
-from .example import EXAMPLE_RECIPE
+from .example import example_recipe
 from .overrides import apply_overrides
 from .parse import load_recipe, parse_recipe
 from .schema import FieldInfo, LoraSpec, Recipe, RecipeError, recipe_fields, recipe_to_dict
@@ -22,17 +19,13 @@ from .schema import FieldInfo, LoraSpec, Recipe, RecipeError, recipe_fields, rec
 __all__ = [
     "RecipeError",
     "LoraSpec",
-    "CalibrationSettings",
     "Recipe",
     "FieldInfo",
     "REQUIRED",
-    "SAMPLERS",
-    "DTYPES",
-    "RIDGE_TARGETS",
     "parse_recipe",
     "load_recipe",
     "apply_overrides",
     "recipe_fields",
     "recipe_to_dict",
-    "EXAMPLE_RECIPE",
+    "example_recipe",
 ]

@@ -82,5 +82,3 @@ strength = 0.8
 prompts = ["alice, portrait, smiling", "alice walking in a park"]
 """
 
-
-EXAMPLE_RECIPE = example_recipe()

@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 from ...backends.calibration import CalibrationSettings
 from ...lora.write import DEFAULT_DTYPE, DTYPES
 from ...merge.methods import METHOD_NAMES
-from ...merge.options import BUDGET_CHECK, MergeOptions
+from ...merge.options import MergeOptions
+from ...merge.plan import BUDGET_RE
 from ...settings import SettingError, field_default, setting
 
 _DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
@@ -81,7 +82,9 @@ class Recipe:
                                       "for a single-file `base`; omit it (or pass 'none') to infer "
                                       "them.", None,
                                       kind="folder")
-    memory_budget: str = _option("memory_budget", **BUDGET_CHECK)
+    # MergeOptions also takes a number of bytes; a recipe value is a string of this form
+    memory_budget: str = _option("memory_budget", pattern=BUDGET_RE,
+                                 expected="'auto', 'none' or a size such as '6GiB' or '800MB'")
     chunk_layers: int | None = _option("chunk_layers")
     tokens: int | None = _option("tokens")
     solve_device: str = _option("solve_device")
