@@ -7,6 +7,7 @@ import comfy.model_management
 import comfy.samplers
 import comfy.sd
 import comfy.utils
+import comfy_execution.utils
 import torch
 from comfy_api.latest import io, ui
 
@@ -89,7 +90,7 @@ class MergeNode(io.ComfyNode):
         options = MergeOptions(iterations=iterations, damping=damping, regularization=regularization, rank=rank or None,
                                seed=calibration_seed, memory_budget=memory_budget.strip() or MergeOptions.memory_budget,
                                ridge_target=ridge_target)
-        progress = NodeProgress(cls.hidden.unique_id)
+        progress = NodeProgress(cls.hidden.unique_id, [e.name for e in loras])
         try:
             report = merge_loras(backend, files, [method], options, progress)
         finally:
@@ -102,9 +103,10 @@ class MergeNode(io.ComfyNode):
                   "chosen_iteration": report.chosen_iteration}
         lora = _lora_model(backend, layers, merged_metadata(backend, layers, files, recipe))
         model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, _state_dict(named_layers(lora)), 1.0, 1.0)
-        text = report_text(report)
         progress.send_done(report)
-        return io.NodeOutput(model_out, clip_out, lora, text, convergence_image(report), ui=ui.PreviewText(text))
+        # on the node: the table and the iterations; the memory plan only in the report output
+        return io.NodeOutput(model_out, clip_out, lora, report_text(report), convergence_image(report),
+                             ui=ui.PreviewText(report_text(report, with_plan=False)))
 
 
 def _lora_model(backend: ComfyBackend, layers: dict, metadata: dict) -> MergedLora:
@@ -124,9 +126,9 @@ def _state_dict(layers: dict) -> dict:
     return out
 
 
-def report_text(report: MergeReport) -> str:
+def report_text(report: MergeReport, with_plan: bool = True) -> str:
     lines = [report.table()]
-    if report.plan is not None:
+    if with_plan and report.plan is not None:
         lines.append(report.plan.describe())
     for rec in report.history:
         mark = "  <- kept" if rec.iteration == report.chosen_iteration else ""
@@ -138,12 +140,17 @@ def report_text(report: MergeReport) -> str:
 
 class NodeProgress:
     """The core's progress callback for a node: ProgressBar, live messages for the front end
-    (event "iteris.progress"), and ComfyUI's interrupt check, so Cancel stops the merge."""
+    (event "iteris.progress", sent only to the browser that queued the prompt and tagged with
+    its prompt id), and ComfyUI's interrupt check, so Cancel stops the merge."""
 
-    def __init__(self, node_id):
+    def __init__(self, node_id, concepts: list[str]):
         self.node_id = node_id
+        self.concepts = concepts
         self.bar = comfy.utils.ProgressBar(1, node_id=node_id)
         self.history: list[list[float]] = []
+        context = comfy_execution.utils.get_executing_context()
+        self.prompt_id = context.prompt_id if context is not None else None
+        self._send({"phase": "start", "done": 0, "total": 1, "history": []})
 
     def __call__(self, phase: str, done: int, total: int, detail: dict | None = None) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -153,7 +160,7 @@ class NodeProgress:
         self._send({"phase": phase, "done": done, "total": total, "history": self.history})
 
     def send_done(self, report: MergeReport) -> None:
-        self._send({"phase": "done", "done": 1, "total": 1, "concepts": report.concepts,
+        self._send({"phase": "done", "done": 1, "total": 1, "seconds": report.seconds,
                     "history": [list(r.errors) for r in report.history], "chosen": report.chosen_iteration})
 
     def _send(self, data: dict) -> None:
@@ -161,5 +168,7 @@ class NodeProgress:
             from server import PromptServer
         except ImportError:  # not inside a ComfyUI server
             return
-        if PromptServer.instance is not None:
-            PromptServer.instance.send_sync("iteris.progress", {"node": self.node_id, **data})
+        server = PromptServer.instance
+        if server is not None:
+            server.send_sync("iteris.progress", {"node": self.node_id, "prompt_id": self.prompt_id,
+                                                 "concepts": self.concepts, **data}, server.client_id)

@@ -42,7 +42,8 @@ class SaveLoraNode(io.ComfyNode):
         metadata = (extras.metadata if extras is not None else None) or {"ss_network_module": "networks.lora"}
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_kohya(path, layers, metadata, dtype=dtype, overwrite=overwrite)
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {os.path.relpath(path, folder_paths.get_folder_paths('loras')[0])}"))
+        name = os.path.relpath(path, os.path.realpath(folder_paths.get_folder_paths("loras")[0]))
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {name} in models/loras:\n{path}"))
 
 
 def lora_path(filename: str) -> str:
