@@ -1,31 +1,50 @@
-"""Writes example_workflows/iteris_merge_two_loras.json (ComfyUI's UI workflow format).
+"""Writes the example workflows into example_workflows/ (ComfyUI's UI workflow format).
 
-The graph: a checkpoint, two LoRAs merged with IterIS (saved, charted), and a comparison grid:
-rows base / LoRA A alone / LoRA B alone / both stacked / merged, columns a prompt for A, one for
-B, and one combining both. Run it again after changing the graph below.
+- "IterIS - merge two LoRAs": a checkpoint, two IterIS LoRA entries, the merge (its report and
+  live chart on the node), the saved LoRA and one before/after picture (base | merged).
+- "IterIS - merge two LoRAs and compare": the same merge, and one picture grid with a row per
+  model (base, LoRA A alone, LoRA B alone, both stacked, merged) and a column per prompt (one for
+  A, one for B, one combining both), each part in a labelled group, with a note saying what to edit.
+
+The file names are the titles ComfyUI's template browser shows; the .jpg beside each .json is its
+card. Run it again after changing a graph below; `--thumbnails DIR` makes the .jpg cards from the
+screenshots tests/test_browser.py saved in DIR (out/browser by default).
 """
 
 import json
+import sys
 from pathlib import Path
 
+OUT = Path(__file__).resolve().parent.parent / "example_workflows"
+MINIMAL, COMPARE = "IterIS - merge two LoRAs", "IterIS - merge two LoRAs and compare"
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 LORA_A, LORA_B = "concept_a.safetensors", "concept_b.safetensors"
 PROMPTS_A = "a photo of sks dog\na sks dog on the beach"
 PROMPTS_B = "a zwx style painting of a house\na zwx style painting of a forest"
 GRID_PROMPTS = ["a photo of sks dog", "a zwx style painting of a house", "a zwx style painting of sks dog"]
 NEGATIVE = "blurry, low quality"
-SIZE, STEPS, CFG = 512, 20, 7.0
+SIZE, STEPS, CFG, SEED = 512, 20, 7.0, 1000
+# widget values of IterIS Merge, in its input order (the node's defaults but the resolution)
+MERGE_WIDGETS = ["iteris", 5, 0, "euler", "normal", 8, 4, SIZE, 5.0, 0, "", 0.5, 0.1, "auto", "sum"]
+MERGE_SIZE = [520, 820]  # every widget and the chart web/iteris.js draws below them
+GROUP_COLOR, EDIT_COLOR = "#3f789e", "#8a6d3b"
+
+MODEL_OUT, CLIP_OUT = ("MODEL", "MODEL"), ("CLIP", "CLIP")
+MERGE_OUT = [MODEL_OUT, CLIP_OUT, ("lora", "LORA_MODEL"), ("report", "STRING"), ("chart", "IMAGE")]
 
 
 class Graph:
     def __init__(self):
-        self.nodes, self.links = [], []
+        self.nodes, self.links, self.groups = [], [], []
 
-    def add(self, type_, widgets, inputs=(), outputs=(), x=0, y=0):
-        """inputs: [(name, type, (src_node, src_slot))]; outputs: [(name, type)]."""
-        node = {"id": len(self.nodes) + 1, "type": type_, "pos": [x, y], "size": [320, 120], "flags": {},
+    def add(self, type_, widgets, inputs=(), outputs=(), pos=(0, 0), size=(320, 120), title=None, widget_inputs=()):
+        """inputs: [(name, type, (src_node, src_slot))]; widget_inputs: the names among them that
+        feed a widget; outputs: [(name, type)]."""
+        node = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": list(size), "flags": {},
                 "order": len(self.nodes), "mode": 0, "inputs": [], "outputs": [],
                 "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets)}
+        if title:
+            node["title"] = title
         for slot, (name, typ) in enumerate(outputs):
             node["outputs"].append({"name": name, "type": typ, "links": [], "slot_index": slot})
         self.nodes.append(node)
@@ -33,53 +52,182 @@ class Graph:
             link_id = len(self.links) + 1
             self.links.append([link_id, src["id"], slot, node["id"], len(node["inputs"]), typ])
             src["outputs"][slot]["links"].append(link_id)
-            node["inputs"].append({"name": name, "type": typ, "link": link_id})
+            node["inputs"].append({"name": name, "type": typ, "link": link_id}
+                                  | ({"widget": {"name": name}} if name in widget_inputs else {}))
         return node
 
-    def workflow(self):
+    def note(self, text, pos, size):
+        return self.add("Note", [text], pos=pos, size=size, title="Read me: what to edit")
+
+    def group(self, title, nodes, color=GROUP_COLOR):
+        """A labelled frame around ``nodes`` (ComfyUI draws the title in a 34 px bar)."""
+        x0 = min(n["pos"][0] for n in nodes) - 20
+        y0 = min(n["pos"][1] for n in nodes) - 70
+        x1 = max(n["pos"][0] + n["size"][0] for n in nodes) + 20
+        y1 = max(n["pos"][1] + n["size"][1] for n in nodes) + 20
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [x0, y0, x1 - x0, y1 - y0],
+                            "color": color, "font_size": 22, "flags": {}})
+
+    def _boxes(self):
+        return [g["bounding"] for g in self.groups] + [(*n["pos"], *n["size"]) for n in self.nodes]
+
+    def workflow(self, scale):
+        # the graph's top left corner just inside the canvas, below the frontend's menus
+        offset = [80 / scale - min(x for x, _, _, _ in self._boxes()), 110 / scale - min(y for _, y, _, _ in self._boxes())]
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-                "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+                "links": self.links, "groups": self.groups, "config": {},
+                "extra": {"ds": {"scale": scale, "offset": offset}}, "version": 0.4}
 
 
-def build() -> dict:
-    g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", [CHECKPOINT], outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")])
-    a = g.add("IterIS_LoraEntry", [LORA_A, 1.0, PROMPTS_A], outputs=[("loras", "ITERIS_LORA_LIST")], x=400)
+def merge_part(g, y=0):
+    """Checkpoint -> two IterIS LoRA entries -> Merge -> Save; returns (ckpt, merge)."""
+    ckpt = g.add("CheckpointLoaderSimple", [CHECKPOINT], outputs=[MODEL_OUT, CLIP_OUT, ("VAE", "VAE")],
+                 pos=(0, y + 390), size=(380, 100))
+    g.group("1. Base model", [ckpt], EDIT_COLOR)
+    a = g.add("IterIS_LoraEntry", [LORA_A, 1.0, PROMPTS_A], outputs=[("loras", "ITERIS_LORA_LIST")],
+              pos=(460, y + 70), size=(420, 250), title="IterIS LoRA A")
     b = g.add("IterIS_LoraEntry", [LORA_B, 1.0, PROMPTS_B], [("previous", "ITERIS_LORA_LIST", (a, 0))],
-              [("loras", "ITERIS_LORA_LIST")], x=400, y=250)
-    merge = g.add("IterIS_Merge", ["iteris", 5, 0, "euler", "normal", 8, 4, SIZE, 5.0, 0, "", 0.5, 0.1, "auto", "sum"],
+              [("loras", "ITERIS_LORA_LIST")], pos=(460, y + 370), size=(420, 250), title="IterIS LoRA B")
+    g.group("2. LoRAs to merge", [a, b], EDIT_COLOR)
+    merge = g.add("IterIS_Merge", MERGE_WIDGETS,
                   [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("loras", "ITERIS_LORA_LIST", (b, 0))],
-                  [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("lora", "LORA_MODEL"), ("report", "STRING"), ("chart", "IMAGE")], x=800)
-    g.add("IterIS_SaveLora", ["iteris_merged", "fp16", False], [("lora", "LORA_MODEL", (merge, 2))], x=1200)
-    g.add("PreviewImage", [], [("images", "IMAGE", (merge, 4))], x=1200, y=200)
-    loader_out = [("MODEL", "MODEL"), ("CLIP", "CLIP")]
-    only_a = g.add("LoraLoader", [LORA_A, 1.0, 1.0], [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1))], loader_out, y=500)
-    only_b = g.add("LoraLoader", [LORA_B, 1.0, 1.0], [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1))], loader_out, y=700)
-    stacked = g.add("LoraLoader", [LORA_B, 1.0, 1.0], [("model", "MODEL", (only_a, 0)), ("clip", "CLIP", (only_a, 1))], loader_out, y=900)
-    latent = g.add("EmptyLatentImage", [SIZE, SIZE, 1], outputs=[("LATENT", "LATENT")], y=1100)
-    rows = [("base", ckpt), ("lora_a", only_a), ("lora_b", only_b), ("stacked", stacked), ("merged", merge)]
-    grid = None
+                  MERGE_OUT, pos=(960, y + 70), size=MERGE_SIZE)
+    g.group("3. Merge", [merge])
+    save = g.add("IterIS_SaveLora", ["iteris_merged", "fp16", False], [("lora", "LORA_MODEL", (merge, 2))],
+                 pos=(1560, y + 70), size=(420, 150))
+    return ckpt, merge, save
+
+
+def sample(g, model_src, clip_src, vae_src, prompt, negative, latent, pos, title, seed=SEED):
+    """Positive and negative encodes (their text from string nodes), a KSampler and a decode,
+    laid out from ``pos``; returns the decode."""
+    x, y = pos
+    enc = {"clip": ("clip", "CLIP", (clip_src, 1))}
+    pos_enc = g.add("CLIPTextEncode", [""], [enc["clip"], ("text", "STRING", (prompt, 0))], [("CONDITIONING", "CONDITIONING")],
+                    (x, y), (300, 90), f"{title}: prompt", widget_inputs=("text",))
+    neg_enc = g.add("CLIPTextEncode", [""], [enc["clip"], ("text", "STRING", (negative, 0))], [("CONDITIONING", "CONDITIONING")],
+                    (x, y + 135), (300, 90), f"{title}: negative", widget_inputs=("text",))
+    ks = g.add("KSampler", [seed, "fixed", STEPS, CFG, "euler", "normal", 1.0],
+               [("model", "MODEL", (model_src, 0)), ("positive", "CONDITIONING", (pos_enc, 0)),
+                ("negative", "CONDITIONING", (neg_enc, 0)), ("latent_image", "LATENT", (latent, 0))],
+               [("LATENT", "LATENT")], (x + 340, y), (320, 270), f"{title}: sample")
+    dec = g.add("VAEDecode", [], [("samples", "LATENT", (ks, 0)), ("vae", "VAE", (vae_src, 2))], [("IMAGE", "IMAGE")],
+                (x + 700, y), (220, 50), f"{title}: decode")
+    return [pos_enc, neg_enc, ks, dec]
+
+
+def stitch(g, first, second, direction, pos, title):
+    return g.add("ImageStitch", [direction, True, 8, "white"],
+                 [("image1", "IMAGE", (first, 0)), ("image2", "IMAGE", (second, 0))], [("IMAGE", "IMAGE")],
+                 pos, (280, 150), title)
+
+
+def minimal() -> dict:
+    g = Graph()
+    g.note("To use it, edit the orange groups:\n"
+           "1. Base model: your checkpoint.\n"
+           "2. IterIS LoRA A and B: each LoRA file and 1 to 5\n"
+           "   prompts, one per line, that use it.\n"
+           "3. Merge: resolution = what the LoRAs were\n"
+           "   trained at; the rest can stay.\n"
+           "4. Save: the file name in models/loras.\n"
+           "5. Before / after: a prompt to try.\n\n"
+           "Queue it: Merge shows progress and each LoRA's\n"
+           "error per iteration, then its report; Save\n"
+           "shows where it wrote the file.", (0, 0), (400, 290))
+    ckpt, merge, save = merge_part(g)
+    prompt = g.add("PrimitiveStringMultiline", [GRID_PROMPTS[2]], outputs=[("STRING", "STRING")], pos=(0, 600),
+                   size=(400, 100), title="Prompt to try")
+    negative = g.add("PrimitiveStringMultiline", [NEGATIVE], outputs=[("STRING", "STRING")], pos=(0, 740),
+                     size=(400, 90), title="Negative prompt")
+    latent = g.add("EmptyLatentImage", [SIZE, SIZE, 1], outputs=[("LATENT", "LATENT")], pos=(0, 870), size=(400, 110))
+    g.group("5. Before / after: what to try", [prompt, negative, latent], EDIT_COLOR)
+    before = sample(g, ckpt, ckpt, ckpt, prompt, negative, latent, (0, 1090), "before")
+    after = sample(g, merge, merge, ckpt, prompt, negative, latent, (960, 1090), "after")
+    both = stitch(g, before[-1], after[-1], "right", (1920, 1090), "before | after")
+    preview = g.add("PreviewImage", [], [("images", "IMAGE", (both, 0))], pos=(1560, 280), size=(420, 420),
+                    title="Before (base) | after (merged)")
+    g.group("4. Results", [save, preview])
+    g.group("Before / after: the same prompt on the base model and on the merged one", [*before, *after, both])
+    return g.workflow(scale=0.65)
+
+
+def compare() -> dict:
+    g = Graph()
+    g.note("To use it, edit the orange groups:\n"
+           "1. Base model: your checkpoint.\n"
+           "2. IterIS LoRA A and B: each LoRA file and 1 to 5\n"
+           "   prompts, one per line, that use it.\n"
+           "Comparison models: the same two files in\n"
+           "   'LoRA A alone', 'LoRA B alone' and 'stacked'.\n"
+           "Grid prompts: one for A, one for B, one for both,\n"
+           "   and the negative prompt.\n\n"
+           "The grid (bottom right) has a row per model: base,\n"
+           "A alone, B alone, stacked, merged; and a column\n"
+           "per grid prompt, in that order.", (0, 0), (400, 290))
+    ckpt, merge, save = merge_part(g)
+    chart = g.add("PreviewImage", [], [("images", "IMAGE", (merge, 4))], pos=(1560, 280), size=(420, 340),
+                  title="Convergence chart")
+    g.group("4. The merged LoRA", [save, chart])
+    y = 960
+    loader_out = [MODEL_OUT, CLIP_OUT]
+    ckpt_in = [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1))]
+    only_a = g.add("LoraLoader", [LORA_A, 1.0, 1.0], ckpt_in, loader_out, (0, y + 70), (380, 130), "LoRA A alone")
+    only_b = g.add("LoraLoader", [LORA_B, 1.0, 1.0], ckpt_in, loader_out, (0, y + 250), (380, 130), "LoRA B alone")
+    stacked = g.add("LoraLoader", [LORA_B, 1.0, 1.0], [("model", "MODEL", (only_a, 0)), ("clip", "CLIP", (only_a, 1))],
+                    loader_out, (0, y + 430), (380, 130), "stacked: A, then B")
+    g.group("Comparison models: the same LoRA files", [only_a, only_b, stacked], EDIT_COLOR)
+    prompts = [g.add("PrimitiveStringMultiline", [p], outputs=[("STRING", "STRING")], pos=(460, y + 70 + 150 * k),
+                     size=(420, 110), title=title)
+               for k, (p, title) in enumerate(zip(GRID_PROMPTS + [NEGATIVE],
+                                                  ["column 1: a prompt for A", "column 2: a prompt for B",
+                                                   "column 3: both", "negative prompt"]))]
+    latent = g.add("EmptyLatentImage", [SIZE, SIZE, 1], outputs=[("LATENT", "LATENT")], pos=(460, y + 670), size=(420, 110))
+    g.group("Grid prompts and picture size", [*prompts, latent], EDIT_COLOR)
+    rows = [("base", ckpt), ("LoRA A alone", only_a), ("LoRA B alone", only_b), ("stacked", stacked), ("merged", merge)]
+    grid, y = None, y + 880
     for r, (name, src) in enumerate(rows):
-        x, y = 1600, 400 * r
-        neg = g.add("CLIPTextEncode", [NEGATIVE], [("clip", "CLIP", (src, 1))], [("CONDITIONING", "CONDITIONING")], x, y)
-        row = None
-        for c, prompt in enumerate(GRID_PROMPTS):
-            pos = g.add("CLIPTextEncode", [prompt], [("clip", "CLIP", (src, 1))], [("CONDITIONING", "CONDITIONING")], x + 350 * c, y + 120)
-            sample = g.add("KSampler", [1000 + c, "fixed", STEPS, CFG, "euler", "normal", 1.0],
-                           [("model", "MODEL", (src, 0)), ("positive", "CONDITIONING", (pos, 0)),
-                            ("negative", "CONDITIONING", (neg, 0)), ("latent_image", "LATENT", (latent, 0))],
-                           [("LATENT", "LATENT")], x + 350 * c, y + 200)
-            image = g.add("VAEDecode", [], [("samples", "LATENT", (sample, 0)), ("vae", "VAE", (ckpt, 2))],
-                          [("IMAGE", "IMAGE")], x + 350 * c, y + 320)
-            row = image if row is None else g.add("ImageBatch", [], [("image1", "IMAGE", (row, 0)), ("image2", "IMAGE", (image, 0))],
-                                                  [("IMAGE", "IMAGE")], x + 1100, y + 320)
-        grid = row if grid is None else g.add("ImageBatch", [], [("image1", "IMAGE", (grid, 0)), ("image2", "IMAGE", (row, 0))],
-                                              [("IMAGE", "IMAGE")], x + 1400, y)
-    g.add("SaveImage", ["iteris_grid"], [("images", "IMAGE", (grid, 0))], x=3200)
-    return g.workflow()
+        row_nodes, row = [], None
+        for c in range(len(GRID_PROMPTS)):
+            nodes = sample(g, src, src, ckpt, prompts[c], prompts[-1], latent, (980 * c, y + 70), f"column {c + 1}",
+                           seed=SEED + c)
+            row_nodes += nodes
+            if row is not None:
+                row = stitch(g, row, nodes[-1], "right", (980 * c + 680, y + 150), f"{name}: columns 1-{c + 1}")
+                row_nodes.append(row)
+            else:
+                row = nodes[-1]
+        if grid is not None:
+            grid = stitch(g, grid, row, "down", (980 * 3, y + 70), f"grid: rows 1-{r + 1}")
+            row_nodes.append(grid)
+        else:
+            grid = row
+        g.group(f"Row {r + 1}: {name}", row_nodes)
+        y += 420
+    out = g.add("SaveImage", ["iteris_grid"], [("images", "IMAGE", (grid, 0))], pos=(980 * 3 + 340, y - 420 + 70),
+                size=(420, 420), title="The grid: a row per model")
+    g.group("The grid: rows base, A, B, stacked, merged; columns the 3 prompts", [out])
+    return g.workflow(scale=0.75)
+
+
+def thumbnails(folder: Path) -> None:
+    from PIL import Image
+
+    for name in (MINIMAL, COMPARE):
+        shot = folder / f"{name}.png"
+        if not shot.is_file():
+            sys.exit(f"{shot}: no screenshot; run tests/test_browser.py first")
+        image = Image.open(shot).convert("RGB")
+        image.thumbnail((640, 400))
+        image.save(OUT / f"{name}.jpg", quality=85)
+        print(OUT / f"{name}.jpg")
 
 
 if __name__ == "__main__":
-    out = Path(__file__).resolve().parent.parent / "example_workflows" / "iteris_merge_two_loras.json"
-    out.write_text(json.dumps(build(), indent=1) + "\n")
-    print(out)
+    if sys.argv[1:2] == ["--thumbnails"]:
+        thumbnails(Path(sys.argv[2] if len(sys.argv) > 2 else "out/browser"))
+    else:
+        for name, build in ((MINIMAL, minimal), (COMPARE, compare)):
+            path = OUT / f"{name}.json"
+            path.write_text(json.dumps(build(), indent=1) + "\n")
+            print(path)

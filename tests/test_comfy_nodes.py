@@ -13,7 +13,7 @@ from safetensors import safe_open
 pytestmark = pytest.mark.comfyui
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "example_workflows" / "iteris_merge_two_loras.json"
+EXAMPLE = REPO / "example_workflows" / "IterIS - merge two LoRAs and compare.json"
 NODES = ("IterIS_LoraEntry", "IterIS_Merge", "IterIS_SaveLora")
 PROMPTS_A, PROMPTS_B = "a photo of sks dog", "a zwx style painting\na zwx style castle"
 
@@ -81,8 +81,8 @@ def test_merge_save_and_load_with_core_lora_loader(comfy_server, comfy_lora_pair
     errors = [float(e) for e in row[2:4]]
     assert all(0 <= e < 0.9 for e in errors), report
     assert len(comfy_server.output_files(entry)) == 1
-
     saved = loras_dir / "merged_11.safetensors"
+    assert entry["outputs"]["save"]["text"] == [f"saved merged_11.safetensors in models/loras:\n{saved.resolve()}"]
     with safe_open(str(saved), "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
@@ -167,8 +167,11 @@ def test_example_workflow_runs(comfy_server, comfy_lora_pair):
         elif node["class_type"] == "IterIS_Merge":
             inputs |= {"resolution": 64, "steps": 3, "timesteps": 2, "iterations": 1}
     entry = comfy_server.run(prompt, timeout=1800)
-    images = comfy_server.output_files(entry)
-    assert len(images) == 16  # the 5 x 3 grid, and the convergence chart
+    from PIL import Image
+
+    sizes = sorted(Image.open(p).size for p in comfy_server.output_files(entry))
+    # one picture grid (3 prompts x 5 models of 64 px, 8 px apart) and the convergence chart
+    assert sizes == [(3 * 64 + 2 * 8, 5 * 64 + 4 * 8), (640, 400)]
     assert (comfy_server.models_dir / "loras" / "iteris_merged.safetensors").is_file()
 
 
@@ -179,6 +182,8 @@ def ui_to_api(workflow: dict, info: dict) -> dict:
     links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
+        if node["type"] in ("Note", "MarkdownNote"):  # the frontend's own, never sent to the server
+            continue
         spec = info[node["type"]]
         linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
         values = iter(node.get("widgets_values") or [])
