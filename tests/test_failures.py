@@ -35,12 +35,18 @@ import torch
 
 from iteris_sd.app import cli
 from iteris_sd.app.cli import main
-from iteris_sd.app.pipeline import ZeroDeltaWarning, merge_loras, run_recipe, write_merged
+from iteris_sd.app.pipeline import (
+    ZeroDeltaWarning,
+    merge_loras,
+    run_recipe,
+    write_merged,
+)
 from iteris_sd.app.recipe import load_recipe
 from iteris_sd.backends.calibration import CalibrationSettings
 from iteris_sd.backends.diffusers import DiffusersBackend, load_backend
 from iteris_sd.lora.keymap import KeyMismatchError, ShapeMismatchError
 from iteris_sd.lora.read import LoraFormatError, read_lora
+from iteris_sd.merge.methods import METHOD_NAMES
 from iteris_sd.merge.options import MergeOptions
 from iteris_sd.merge.solve import IllConditionedWarning
 from iteris_sd.progress import MergeCancelled
@@ -409,7 +415,7 @@ def test_rank_zero_is_refused(tmp_path, base, keymap, capsys):
     assert code == 2 and "has rank 0" in one_line(err) and str(path) in err
 
 
-ALL_METHODS = ["iteris", "regmean", "stack", "linear", "concat", "svd", "ties", "dare"]
+ALL_METHODS = list(METHOD_NAMES)
 
 
 def test_all_zero_lora_merges_with_a_warning_and_no_nan(tmp_path, base, keymap, capsys):

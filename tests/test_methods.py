@@ -29,10 +29,10 @@ def _factors(d_out, d_in, r, seed):
 
 
 def test_the_registry_names_every_method_once_and_only_the_data_driven_ones_use_data():
-    assert METHOD_NAMES == ("iteris", "regmean", "stack", "linear", "concat", "svd", "ties", "dare")
-    assert {m.name for m in METHODS.values() if m.uses_data} == {"iteris", "regmean"}
+    assert METHOD_NAMES == ("iteris", "regmean", "ssr", "stack", "linear", "concat", "svd", "ties", "dare")
+    assert {m.name for m in METHODS.values() if m.uses_data} == {"iteris", "regmean", "ssr"}
     assert all(m.summary and name == m.name for name, m in METHODS.items())
-    with pytest.raises(ValueError, match="unknown merge method 'stak'; use one of iteris, regmean, stack"):
+    with pytest.raises(ValueError, match="unknown merge method 'stak'; use one of iteris, regmean, ssr, stack"):
         get_method("stak")
 
 

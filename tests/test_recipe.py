@@ -228,7 +228,7 @@ def test_wrong_types_nested(files):
     ("density", 0.0, "density: must be in (0.0, 1.0], got 0.0"),
     ("regularization", -1e-3, "regularization: must be >= 0.0, got -0.001"),
     ("seed", -1, "seed: must be >= 0, got -1"),
-    ("method", "avg", "method: expected one of iteris, regmean, stack"),
+    ("method", "avg", "method: expected one of iteris, regmean, ssr, stack"),
     ("ridge_target", "stack", "ridge_target: expected one of average, sum; got 'stack'"),
     ("compare", ["linear", "tie"], "compare[1]: expected one of iteris"),
     ("compare", ["ties", "ties"], "compare[1]: 'ties' is repeated"),

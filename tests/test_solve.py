@@ -15,6 +15,7 @@ from iteris_sd.merge.solve import (
     concept_residuals,
     solve_layer,
 )
+from iteris_sd.merge.ssr import ssr_layer
 from iteris_sd.merge.stats import ConceptStats, SampledStats
 
 
@@ -304,3 +305,42 @@ def test_gram_solve_is_unchanged_by_the_lean_rewrite():
             rhs.append(c * (C.T @ A.T + 1e-2 * torch.linalg.matrix_norm(C) * A.T))
     L = torch.linalg.cholesky(D)
     assert torch.equal(solve_layer(p, w, 1e-2), torch.cholesky_solve(torch.cat(rhs, dim=1), L).T.contiguous().float())
+
+
+def test_ssr_is_the_least_squares_router_in_the_loras_own_subspace():
+    g = torch.Generator().manual_seed(7)
+    d_in = 12
+    factors = [lowrank(5, d_in, 2, g), None, lowrank(5, d_in, 3, g)]
+    Xs = [torch.randn(40, d_in, generator=g) for _ in factors]
+    p = LayerProblem("l", torch.zeros(5, d_in), factors, [stats_for(X) for X in Xs])
+    A, U = p.stacked_down(), p.up
+    # brute force over the router Rt: sum_i ||X_i A^T Rt^T - X_i A^T P_i^T||^2, P_i the block selector
+    selectors = [torch.diag(torch.tensor([1.0, 1, 0, 0, 0])), torch.zeros(5, 5), torch.diag(torch.tensor([0.0, 0, 1, 1, 1]))]
+    design = torch.cat([X @ A.T for X in Xs])
+    target = torch.cat([X @ A.T @ P.T for X, P in zip(Xs, selectors)])
+    router = torch.linalg.lstsq(design, target).solution.T
+    Z = ssr_layer(p, ridge=0.0 + 1e-12).double()
+    torch.testing.assert_close(Z, router @ A, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(U @ Z, U @ A, atol=1e-3)  # the silent concept's inputs pull it from the sum
+
+
+def test_ssr_keeps_each_lora_where_their_inputs_do_not_overlap():
+    g = torch.Generator().manual_seed(8)
+    a = (torch.randn(4, 2, generator=g), torch.cat([torch.randn(2, 3, generator=g), torch.zeros(2, 3)], dim=1))
+    b = (torch.randn(4, 1, generator=g), torch.cat([torch.zeros(1, 3), torch.randn(1, 3, generator=g)], dim=1))
+    X1 = torch.cat([torch.randn(20, 3, generator=g), torch.zeros(20, 3)], dim=1)
+    X2 = torch.cat([torch.zeros(20, 3), torch.randn(20, 3, generator=g)], dim=1)
+    p = LayerProblem("l", torch.zeros(4, 6), [a, b], [stats_for(X1), stats_for(X2)])
+    torch.testing.assert_close(p.up @ ssr_layer(p).double(), a[0] @ a[1] + b[0] @ b[1], rtol=1e-6, atol=1e-6)
+
+
+def test_ssr_of_token_samples_equals_the_gram_form_and_unreached_layers_get_the_sum():
+    g = torch.Generator().manual_seed(9)
+    d_in = 30
+    factors = [lowrank(6, d_in, 2, g), lowrank(6, d_in, 3, g)]
+    Xs = [torch.randn(8, d_in, generator=g) for _ in factors]
+    gram = LayerProblem("l", torch.zeros(6, d_in), factors, [stats_for(X) for X in Xs])
+    rows = LayerProblem("l", gram.base_weight, factors, [sampled(X, X) for X in Xs])
+    torch.testing.assert_close(ssr_layer(rows).double(), ssr_layer(gram).double(), rtol=1e-6, atol=1e-6)
+    silent = LayerProblem("l", gram.base_weight, factors, [ConceptStats.zeros(d_in, torch.float64) for _ in factors])
+    torch.testing.assert_close(ssr_layer(silent).double(), silent.stacked_down(), rtol=0, atol=1e-6)

@@ -9,16 +9,19 @@ reference statistics, then with the solves on the CPU; only then the merge fails
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..progress import ProgressFn, no_progress
+from .backend import Backend, Deltas
 from .plan import MIN_TOKENS, GiB, Plan, device_memory, fmt_bytes, layer_bytes
 
 if TYPE_CHECKING:
     from .calibration import CalibrationStats
+    from .solve import LayerProblem
 
 
 class MergeOutOfMemory(MemoryError):
@@ -60,6 +63,22 @@ def run_chunks(cal: CalibrationStats, work: Callable[[list[str]], dict], progres
             progress("chunks", k + 1, len(cal.plan.chunks))
         k += 1
     return out
+
+
+def solve_on_references(backend: Backend, cal: CalibrationStats, layer_solve: Callable[[LayerProblem], torch.Tensor],
+                        progress: ProgressFn = no_progress) -> Deltas:
+    """A one-shot method on each LoRA's own inputs (X~ = X): per layer (U, layer_solve(problem)),
+    U = [B_1 ... B_N] and Z (R, d_in) from the solve, chunk by chunk."""
+    ups = cal.ups()
+
+    def work(chunk):
+        problems = cal.reference_problems(backend, chunk, progress)
+        t0 = time.perf_counter()
+        out = {m: (ups[m], layer_solve(p)) for m, p in problems.items()}
+        cal.timings.solve += time.perf_counter() - t0
+        return out
+
+    return run_chunks(cal, work, progress)
 
 
 def _recover(cal: CalibrationStats, index: int, failure: str) -> None:

@@ -19,6 +19,7 @@ from .calibration import CalibrationStats
 from .iterate import IterationRecord, run_iteris
 from .options import MergeOptions
 from .regmean import regmean
+from .ssr import ssr
 
 
 @dataclass
@@ -47,6 +48,10 @@ def _iteris(backend, cal, options, progress) -> MethodOutput:
 
 def _regmean(backend, cal, options, progress) -> MethodOutput:
     return MethodOutput(regmean(backend, cal, progress))
+
+
+def _ssr(backend, cal, options, progress) -> MethodOutput:
+    return MethodOutput(ssr(backend, cal, progress))
 
 
 def _layerwise(merge_layer: Callable[[str, list, MergeOptions], weight_space.LayerMerge], truncates: bool):
@@ -78,6 +83,8 @@ _METHODS = (
     MergeMethod("iteris", "damped IterIS: least squares on the merged model's own inputs, re-solved; "
                 "the best measured iterate is kept", True, _iteris),
     MergeMethod("regmean", "RegMean, one-shot least squares on each LoRA's inputs", True, _regmean),
+    MergeMethod("ssr", "SSR-Merge: the LoRAs' own down-projections kept, a sum(r_i)-wide router solved "
+                "by least squares on each LoRA's inputs", True, _ssr),
     MergeMethod("stack", "the sum of the deltas: what chaining LoRA loaders does", False,
                 _layerwise(lambda m, f, o: weight_space.stack(f), False)),
     MergeMethod("linear", "weighted average, 1/N each", False,

@@ -10,7 +10,6 @@ the off-diagonal shrinkage being RegMean's own regulariser.
 from __future__ import annotations
 
 import math
-import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,8 +17,15 @@ from torch import Tensor
 
 from ..progress import ProgressFn, no_progress
 from .backend import Backend, Deltas
-from .chunks import run_chunks
-from .solve import LayerProblem, check_finite, choose_form, solve_device, solve_spd, woodbury_solve
+from .chunks import solve_on_references
+from .solve import (
+    LayerProblem,
+    check_finite,
+    choose_form,
+    solve_device,
+    solve_spd,
+    woodbury_solve,
+)
 
 if TYPE_CHECKING:
     from .calibration import CalibrationStats
@@ -27,16 +33,7 @@ if TYPE_CHECKING:
 
 def regmean(backend: Backend, cal: CalibrationStats, progress: ProgressFn = no_progress) -> Deltas:
     """RegMean on every layer, chunk by chunk."""
-    ups = cal.ups()
-
-    def work(chunk):
-        problems = cal.reference_problems(backend, chunk, progress)
-        t0 = time.perf_counter()
-        out = {m: (ups[m], regmean_layer(p, device=cal.solve_device)) for m, p in problems.items()}
-        cal.timings.solve += time.perf_counter() - t0
-        return out
-
-    return run_chunks(cal, work, progress)
+    return solve_on_references(backend, cal, lambda p: regmean_layer(p, device=cal.solve_device), progress)
 
 
 def regmean_layer(problem: LayerProblem, alpha: float = 0.9, device=None) -> Tensor:
