@@ -24,6 +24,7 @@ import torch
 from iteris_demo import shapes
 from iteris_demo.detect import concept_present, load_detector, read_attributes
 from iteris_demo.model import demo_assets
+from iteris_demo.splits import combined_prompts, held_out_prompts, split
 from iteris_sd.app.pipeline import MergeReport, merge_loras, noise_errors, peak_memory_bytes
 from iteris_sd.backends.calibration import CalibrationSettings
 from iteris_sd.backends.diffusers import DiffusersBackend, load_backend
@@ -38,7 +39,7 @@ from iteris_sd.progress import ProgressFn, no_progress
 # backgrounds drift; `scripts/train_demo_model.py --check --cfg 4` measures it)
 CALIBRATION = CalibrationSettings(resolution=shapes.SIZE, steps=10, timesteps=5, cfg=2.0, sampler="ddim")
 EVALUATION = replace(CALIBRATION, steps=12, seeds=2)
-CALIBRATION_SEED, HELD_OUT_SEED, COMBINED_SEED, EVAL_SEED = 0, 1, 2, 10_007
+CALIBRATION_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -49,20 +50,24 @@ class Problem:
     calibration: list[list[str]]
     held_out: list[list[str]]
     combined: list[str]
+    picture_seed: int  # the evaluation pictures' generator seed (the split's)
 
     @property
     def names(self) -> list[str]:
         return [c.trigger for c in self.concepts]
 
 
-def problem(n_loras: int, n_prompts: int = 3, n_held_out: int = 4, n_combined: int = 5) -> Problem:
+def problem(n_loras: int, n_prompts: int = 3, n_held_out: int = 4, n_combined: int = 5,
+            split_name: str = "validation") -> Problem:
+    """The first n concepts, their calibration prompts and the split's held-out ones."""
     concepts = shapes.CONCEPTS[:n_loras]
+    which = split(split_name)
     # calibration covers the attribute values (as a user's prompts should); held-out prompts
     # are drawn at random, none of them a calibration prompt at any prompt count measured
     calibration = [shapes.covering_prompts((c,), n_prompts, CALIBRATION_SEED) for c in concepts]
     longest = [shapes.covering_prompts((c,), 5, CALIBRATION_SEED) for c in concepts]
-    held_out = [shapes.prompts((c,), n_held_out, HELD_OUT_SEED, tuple(cal)) for c, cal in zip(concepts, longest)]
-    return Problem(concepts, calibration, held_out, shapes.prompts(concepts, n_combined, COMBINED_SEED))
+    held_out = [held_out_prompts(c, cal, n_held_out, which) for c, cal in zip(concepts, longest)]
+    return Problem(concepts, calibration, held_out, combined_prompts(concepts, n_combined, which), which.picture_seed)
 
 
 def demo_backend(assets, prompts: list[list[str]], settings: CalibrationSettings = CALIBRATION) -> DiffusersBackend:
@@ -107,9 +112,9 @@ def evaluate(backend: DiffusersBackend, detector, prob: Problem, references: lis
     for name in scored:
         scores[name].update(noise=[], image=[])
     pictures = {name: [] for name in distinct}
-    noise = noise_errors(ev, references, scored, prob.held_out, EVAL_SEED, progress)
+    noise = noise_errors(ev, references, scored, prob.held_out, prob.picture_seed, progress)
     for i, (concept, ps, ref) in enumerate(zip(prob.concepts, prob.held_out, references)):
-        sample = _sampler(ev, ps, EVAL_SEED)
+        sample = _sampler(ev, ps, prob.picture_seed)
         ref_images, base_images = sample(ref), sample({})
         for name, deltas in distinct.items():
             images = sample(deltas)
@@ -121,7 +126,7 @@ def evaluate(backend: DiffusersBackend, detector, prob: Problem, references: lis
                 scores[name]["image"].append(_ratio(images, ref_images, base_images))
         progress("evaluate images", i + 1, len(prob.concepts))
     for name, deltas in distinct.items():
-        images = ev.sample(prob.combined, EVAL_SEED + 1, deltas)
+        images = ev.sample(prob.combined, prob.picture_seed + 1, deltas)
         pictures[name].append(images)
         scores[name].update(combined_presence(detector, prob, images))
     return Evaluation({name: scores[first] for name, first in same_as.items()},
@@ -223,14 +228,14 @@ def run_curves(max_iterations: int = 10, prompt_counts=(1, 3, 5), progress: Prog
     outcome = run_iteris(backend, cal, IterISConfig(max_iterations, keep_best=False, keep_iterates=True), progress)
     iterates = {str(t): d for t, d in enumerate(outcome.iterates)}
     ev = evaluation_backend(backend)
-    by_iteration = noise_errors(ev, refs, iterates, prob.held_out, EVAL_SEED, progress)
+    by_iteration = noise_errors(ev, refs, iterates, prob.held_out, prob.picture_seed, progress)
     by_prompts = {}
     for k in prompt_counts:
         pk = problem(2, k)
         backend_k = demo_backend(assets, pk.calibration)
         report = merge_loras(backend_k, loras, ["iteris", "regmean"], MergeOptions(memory_budget=None), progress)
         scores = noise_errors(evaluation_backend(backend_k), report.references,
-                              {n: r.deltas for n, r in report.results.items()}, pk.held_out, EVAL_SEED, progress)
+                              {n: r.deltas for n, r in report.results.items()}, pk.held_out, prob.picture_seed, progress)
         by_prompts[str(k)] = scores
     return {"concepts": prob.names,
             "iterations": {t: {"held_out": e, "calibration": outcome.history[int(t)].errors}

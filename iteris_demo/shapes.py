@@ -186,9 +186,11 @@ def covering_prompts(concepts: tuple[Concept, ...], n: int, seed: int) -> list[s
     return out
 
 
-def prompts(concepts: tuple[Concept, ...], n: int, seed: int, exclude: tuple[str, ...] = ()) -> list[str]:
+def prompts(concepts: tuple[Concept, ...], n: int, seed: int, exclude: tuple[str, ...] = (),
+            at_most: bool = False) -> list[str]:
     """n distinct captions of random scenes with every concept in ``concepts`` applied (the
-    shape, colour and position always named), none of them in ``exclude``."""
+    shape, colour and position always named), none of them in ``exclude``; with ``at_most``,
+    fewer where fewer exist."""
     gen = torch.Generator().manual_seed(seed)
     out: list[str] = []
     for _ in range(1000 * n):
@@ -198,4 +200,6 @@ def prompts(concepts: tuple[Concept, ...], n: int, seed: int, exclude: tuple[str
             out.append(text)
             if len(out) == n:
                 return out
+    if at_most:
+        return out
     raise ValueError(f"fewer than {n} distinct prompts for {[c.trigger for c in concepts]}")

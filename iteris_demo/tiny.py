@@ -28,20 +28,25 @@ class TinyConcept:
     trigger: str
     rank: int
     alpha: float
-    prompts: tuple[str, ...]
-    held_out: tuple[str, ...]
+    prompts: tuple[str, ...]  # training and calibration
+    held_out: tuple[str, ...]  # the benchmark's validation prompts
+    test: tuple[str, ...]  # the benchmark's test prompts
     convs: bool  # also train the resnet 3x3 convs (a LoCon-style LoRA)
 
 
 CONCEPTS = (
     TinyConcept("sks", 4, 4.0, ("a photo of sks", "sks on a table", "a sks in the garden"),
-                ("a painting of sks", "sks at night"), convs=False),
+                ("a painting of sks", "sks at night"), ("sks by the window", "a drawing of sks", "sks in the snow"),
+                convs=False),
     TinyConcept("zwx", 8, 4.0, ("zwx style", "a house in zwx style", "a tree, zwx style"),
-                ("a dog in zwx style", "zwx style portrait"), convs=True),
+                ("a dog in zwx style", "zwx style portrait"), ("a cat in zwx style", "a car, zwx style", "zwx style city"),
+                convs=True),
     TinyConcept("qpr", 4, 2.0, ("a qpr toy", "qpr on the floor", "a red qpr"),
-                ("a small qpr", "two qpr toys"), convs=False),
+                ("a small qpr", "two qpr toys"), ("a blue qpr", "qpr in a box", "a qpr on the grass"),
+                convs=False),
     TinyConcept("vbn", 6, 6.0, ("vbn texture", "a wall with vbn texture", "vbn pattern"),
-                ("a cup with vbn texture", "vbn fabric"), convs=True),
+                ("a cup with vbn texture", "vbn fabric"), ("a chair with vbn texture", "vbn paper", "a vbn floor"),
+                convs=True),
 )
 PRIOR_PROMPTS = ("a photo of a dog", "a house", "a tree in the garden", "a table", "a portrait",
                  "a toy on the floor", "a wall", "a cup", "a painting of a cat", "at night")

@@ -113,7 +113,15 @@ class DiffusersBackend:
             sqrt(sum_t ||eps_cand - eps_ref||^2 / sum_t ||eps_ref - eps_base||^2)
 
         along the reference's own CFG trajectory from ``seed`` (0 = identical to LoRA i alone,
-        1 = as far from it as the base model)."""
+        1 = as far from it as the base model), summed over every picture."""
+        nums, den = self.noise_distances(prompts, seed, reference, candidates, progress)
+        total = float(den.sum())
+        return {name: (float(num.sum()) / total) ** 0.5 if total > 0 else 0.0 for name, num in nums.items()}
+
+    def noise_distances(self, prompts: list[str], seed: int, reference: Deltas, candidates: dict[str, Deltas],
+                        progress: ProgressFn = no_progress) -> tuple[dict[str, Tensor], Tensor]:
+        """Per picture (b = prompts x seeds, float64): sum_t ||eps_cand - eps_ref||^2 of each
+        candidate, and sum_t ||eps_ref - eps_base||^2, the parts of `noise_fidelity`."""
         ids = self.token_ids(prompts)
         ref_eps, base_eps = [], []
 
@@ -121,17 +129,18 @@ class DiffusersBackend:
             ref_eps.append(eps[0])
             base_eps.append(eps[1])
 
+        def per_picture(a: Tensor, b: Tensor) -> Tensor:
+            return ((a - b).double() ** 2).flatten(1).sum(1)
+
         steps, _ = self._sample(ids, seed, [reference, {}], on_step=keep, progress=progress, phase="evaluate")
-        den = sum(float(((r - b) ** 2).sum()) for r, b in zip(ref_eps, base_eps))
-        out = {}
+        den = sum(per_picture(r, b) for r, b in zip(ref_eps, base_eps))
+        nums = {}
         for k, (name, deltas) in enumerate(candidates.items()):
             with self._hooked([deltas]), torch.inference_mode():
                 cond = self._encode(ids, 1)
-                num = sum(float(((self._guided_eps(x, t, cond, 1)[0] - r) ** 2).sum())
-                          for (t, x), r in zip(steps, ref_eps))
-            out[name] = (num / den) ** 0.5 if den > 0 else 0.0
+                nums[name] = sum(per_picture(self._guided_eps(x, t, cond, 1)[0], r) for (t, x), r in zip(steps, ref_eps))
             progress("evaluate", k + 1, len(candidates))
-        return out
+        return nums, den
 
     def sample(self, prompts: list[str], seed: int, deltas: Deltas, progress: ProgressFn = no_progress) -> Tensor:
         """The final latents (b, C, h, w) of the CFG trajectory under ``deltas`` from ``seed``;
