@@ -76,8 +76,13 @@ def demo_backend(assets, prompts: list[list[str]], settings: CalibrationSettings
 
 def evaluation_backend(backend: DiffusersBackend, settings: CalibrationSettings = EVALUATION) -> DiffusersBackend:
     """The same modules, sampling as users would (by default more steps, two seeds per prompt)."""
+    return backend_for(backend, backend.concepts, settings)
+
+
+def backend_for(backend: DiffusersBackend, prompts: list[list[str]], settings: CalibrationSettings) -> DiffusersBackend:
+    """The same modules (nothing reloaded) with other per-LoRA prompts and settings."""
     return DiffusersBackend(backend.unet, backend.text_encoders, backend.tokenizers, backend.scheduler_config,
-                            backend.concepts, settings, seed=backend.seed, vae_scale_factor=backend.vae_scale_factor)
+                            prompts, settings, seed=backend.seed, vae_scale_factor=backend.vae_scale_factor)
 
 
 def _ratio(a: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> float:

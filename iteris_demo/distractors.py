@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from iteris_demo.bench import backend_for
+from iteris_demo.detect import concept_present, load_detector, read_attributes
 from iteris_demo.protocols import (
     bootstrap,
     distractor_draws,
@@ -78,12 +80,8 @@ def measure_set(bed: Testbed, backend: DiffusersBackend, lora_set: tuple[int, ..
                 split_name: str, rows, detector, progress: ProgressFn) -> list[dict]:
     """Merge one LoRA set and score it for each of its targets: per row the per-picture noise
     distances, and with a detector per-picture presences of the target and the distractors."""
-    from iteris_demo.detect import concept_present, read_attributes
-
     loras = [read_lora(bed.loras[i]) for i in lora_set]
-    merge_backend = DiffusersBackend(backend.unet, backend.text_encoders, backend.tokenizers, backend.scheduler_config,
-                                     [list(bed.calibration[i]) for i in lora_set], bed.settings, seed=0,
-                                     vae_scale_factor=backend.vae_scale_factor)
+    merge_backend = backend_for(backend, [list(bed.calibration[i]) for i in lora_set], bed.settings)
     deltas, references, seconds = merge_rows(merge_backend, loras, rows, progress)
     seed = split(split_name).picture_seed
     groups = []
@@ -106,8 +104,6 @@ def measure_set(bed: Testbed, backend: DiffusersBackend, lora_set: tuple[int, ..
 def run_distractors(bed_name: str, split_name: str, ks=(2, 3, 4), draws: int = 3, seed: int = 0, rows=ROWS,
                     progress: ProgressFn = no_progress) -> dict:
     """Every K's groups (see `measure_set`) on one testbed and split."""
-    from iteris_demo.detect import load_detector
-
     bed = testbed(bed_name, progress)
     backend = load_backend(str(bed.base), [list(bed.calibration[0])], bed.evaluation, seed=0, device="cpu")
     detector = load_detector(bed.detector) if bed.detector else None

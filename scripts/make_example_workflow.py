@@ -122,13 +122,15 @@ def stitch(g, first, second, direction, pos, title):
                  pos, (280, 150), title)
 
 
+EDIT_FIRST = ("To use it, edit the orange groups:\n"
+              "1. Base model: your checkpoint.\n"
+              "2. IterIS LoRA A and B: each LoRA file and 1 to 5\n"
+              "   prompts, one per line, that use it.\n")
+
+
 def minimal() -> dict:
     g = Graph()
-    g.note("To use it, edit the orange groups:\n"
-           "1. Base model: your checkpoint.\n"
-           "2. IterIS LoRA A and B: each LoRA file and 1 to 5\n"
-           "   prompts, one per line, that use it.\n"
-           "3. Merge: resolution = what the LoRAs were\n"
+    g.note(EDIT_FIRST + "3. Merge: resolution = what the LoRAs were\n"
            "   trained at; the rest can stay.\n"
            "4. Save: the file name in models/loras.\n"
            "5. Before / after: a prompt to try.\n\n"
@@ -154,11 +156,7 @@ def minimal() -> dict:
 
 def compare() -> dict:
     g = Graph()
-    g.note("To use it, edit the orange groups:\n"
-           "1. Base model: your checkpoint.\n"
-           "2. IterIS LoRA A and B: each LoRA file and 1 to 5\n"
-           "   prompts, one per line, that use it.\n"
-           "Comparison models: the same two files in\n"
+    g.note(EDIT_FIRST + "Comparison models: the same two files in\n"
            "   'LoRA A alone', 'LoRA B alone' and 'stacked'.\n"
            "Grid prompts: one for A, one for B, one for both,\n"
            "   and the negative prompt.\n\n"
