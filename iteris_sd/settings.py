@@ -32,7 +32,8 @@ REQUIRED: Any = _Required()
 
 def setting(help: str, default: Any = REQUIRED, **checks: Any) -> Any:
     """A dataclass field with its help text and declarative checks (ge, gt, le,
-    multiple_of, choices, pattern + expected, min_items, nonblank, item_choices, unique)."""
+    multiple_of, choices, pattern + expected, min_items, nonblank, item_choices, unique;
+    words: the strings a number field also takes, e.g. ("auto",))."""
     meta = {"help": help, **checks}
     if default is REQUIRED:
         return field(metadata=meta)
@@ -67,6 +68,10 @@ def check_setting(value: Any, meta: dict, label: str) -> None:
     """Apply a field's declarative checks to ``value`` (None passes: optionality is the
     type's business); the SettingError names ``label``."""
     if value is None:
+        return
+    if isinstance(value, str) and "words" in meta:  # a number field that also takes a few words
+        if value not in meta["words"]:
+            raise SettingError(f"{label}: expected {' or '.join(map(repr, meta['words']))} or a number, got {show(value)}")
         return
     if "choices" in meta and value not in meta["choices"]:
         raise SettingError(f"{label}: expected one of {', '.join(meta['choices'])}; got {show(value)}")

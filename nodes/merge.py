@@ -16,6 +16,7 @@ from ..iteris_sd.lora.layer import LoraFile
 from ..iteris_sd.lora.read import file_sha256
 from ..iteris_sd.merge.methods import METHODS
 from ..iteris_sd.merge.options import MergeOptions
+from ..iteris_sd.merge.ridge import AUTO
 from ..iteris_sd.merge.solve import RIDGE_TARGETS
 from .chart import convergence_image
 from .comfy_backend import ComfyBackend, ComfyCalibration
@@ -57,14 +58,17 @@ class MergeNode(io.ComfyNode):
                                 tooltip="Negative prompt of the calibration trajectories (the unconditional branch)."),
                 io.Float.Input("damping", default=MergeOptions.damping, min=0.05, max=1.0, step=0.05, optional=True,
                                tooltip="IterIS step size; 1 is the paper's undamped iteration, which oscillates on diffusion models."),
-                io.Float.Input("regularization", default=MergeOptions.regularization, min=0.0, max=10.0, step=0.001, optional=True,
-                               tooltip="Ridge strength, relative to each layer's input energy: larger stays closer to the stacked LoRAs, "
-                                       "smaller fits the calibration prompts more closely (and loses more of the concepts)."),
+                io.String.Input("regularization", default=str(MergeOptions.regularization), optional=True,
+                                tooltip="Ridge strength, relative to each layer's input energy: 'auto' chooses it per layer by "
+                                        "cross-validation over the calibration prompts (needs 2 or more prompts per LoRA, else "
+                                        "over the timesteps); a number applies it to every layer: larger stays closer to the "
+                                        "ridge target, smaller fits the calibration prompts more closely."),
                 io.String.Input("memory_budget", default=MergeOptions.memory_budget, optional=True,
                                 tooltip="Memory for the merge's statistics: 'auto' (free device memory less a margin) or a size such as 6GB."),
-                io.Combo.Input("ridge_target", options=list(RIDGE_TARGETS), default=MergeOptions.ridge_target, optional=True,
+                io.Combo.Input("ridge_target", options=[*RIDGE_TARGETS, AUTO], default=MergeOptions.ridge_target, optional=True,
                                tooltip="What the ridge pulls the merge toward where the calibration says little: "
-                                       "their 'sum' (each at full strength, as stacked) or their 'average' (the paper's)."),
+                                       "their 'sum' (each at full strength, as stacked), their 'average' (the paper's), or "
+                                       "'auto' (with regularization 'auto': chosen per layer with the ridge)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the merged LoRA applied."),
@@ -87,6 +91,7 @@ class MergeNode(io.ComfyNode):
                                     resolution=resolution, cfg=cfg, negative_prompt=negative_prompt, seed=calibration_seed)
         backend = ComfyBackend(model, clip, [list(e.prompts) for e in loras], settings)
         files = [LoraFile(e.path, e.name, file_sha256(e.path), {}, e.strength) for e in loras]
+        regularization = _number_or_auto(regularization, "regularization")
         options = MergeOptions(iterations=iterations, damping=damping, regularization=regularization, rank=rank or None,
                                seed=calibration_seed, memory_budget=memory_budget.strip() or MergeOptions.memory_budget,
                                ridge_target=ridge_target)
@@ -101,12 +106,25 @@ class MergeNode(io.ComfyNode):
                   "rank": rank, "calibration": settings.__dict__, "prompts": {e.name: list(e.prompts) for e in loras},
                   "calibration_error": dict(zip(report.concepts, report.results[method].calibration)),
                   "chosen_iteration": report.chosen_iteration}
+        if report.ridges:
+            recipe["ridge_chosen"] = report.ridge_summary()
         lora = _lora_model(backend, layers, merged_metadata(backend, layers, files, recipe))
         model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, _state_dict(named_layers(lora)), 1.0, 1.0)
         progress.send_done(report)
         # on the node: the table and the iterations; the memory plan only in the report output
         return io.NodeOutput(model_out, clip_out, lora, report_text(report), convergence_image(report),
                              ui=ui.PreviewText(report_text(report, with_plan=False)))
+
+
+def _number_or_auto(text, name: str) -> float | str:
+    """A widget's 'auto' or number (older workflows saved a number)."""
+    word = str(text).strip().lower()
+    if word == AUTO:
+        return AUTO
+    try:
+        return float(word)
+    except ValueError:
+        raise ValueError(f"{name}: expected 'auto' or a number such as 0.01, got {text!r}") from None
 
 
 def _lora_model(backend: ComfyBackend, layers: dict, metadata: dict) -> MergedLora:
@@ -128,6 +146,8 @@ def _state_dict(layers: dict) -> dict:
 
 def report_text(report: MergeReport, with_plan: bool = True) -> str:
     lines = [report.table()]
+    if report.ridges:
+        lines.append(report.ridge_summary())
     if with_plan and report.plan is not None:
         lines.append(report.plan.describe())
     for rec in report.history:

@@ -32,7 +32,7 @@ def test_capture_pairs_rows_and_leaves_the_model_untouched(setup):
     before = weights_snapshot(backend)
     seen = {}
 
-    def sink(module, X, Xm):
+    def sink(module, X, Xm, folds=None):
         seen.setdefault(module, []).append((X.clone(), Xm.clone()))
 
     modules = sorted(deltas[0])
@@ -136,3 +136,40 @@ def test_a_second_merge_with_other_loras_or_strengths_equals_a_fresh_backends(ti
     reused._sample = lambda *args, **kwargs: pytest.fail("sampled a trajectory again")
     same = merge_loras(reused, [read_lora(paths[0], strength=0.5), b], ["iteris"], options).results["iteris"]
     assert same.calibration == again.calibration
+
+
+def test_capture_splits_each_concepts_pictures_into_two_folds(setup):
+    """Two prompts per concept: the rows of prompt 0 and of prompt 1 go to different folds, in
+    the text encoder and the UNet; with one prompt and one seed only the UNet's calls split."""
+    from iteris_sd.merge.calibration import CalibrationStats
+
+    backend, _, deltas = setup
+    cal = CalibrationStats(backend, deltas, track_folds=True)
+    cal.capture_references(backend, lambda *a: None)
+    te = [m for m in cal.layers if m.startswith("text_encoder")]
+    unet = [m for m in cal.layers if m.startswith("unet")]
+    assert te and unet
+    for m in cal.layers:
+        for st in cal.stats[m]:
+            zero, one = st.fold_rows
+            assert zero == one == st.rows / 2  # two prompts of the same length and resolution
+            G0, G1 = st.fold_grams64()
+            torch.testing.assert_close(G0 + G1, st.gram64())
+            assert not torch.allclose(G0, G1)
+
+
+def test_one_picture_splits_the_unet_by_call_and_leaves_the_text_encoder_whole(tiny_assets):
+    from iteris_demo.tiny import CONCEPTS
+    from iteris_sd.merge.calibration import CalibrationStats
+
+    base, paths = tiny_assets
+    backend = load_backend(str(base), [list(c.prompts[:1]) for c in CONCEPTS[:2]], SETTINGS, device="cpu")
+    deltas = concept_deltas(backend, [read_lora(p) for p in paths])
+    cal = CalibrationStats(backend, deltas, track_folds=True)
+    cal.capture_references(backend, lambda *a: None)
+    for m in cal.layers:
+        for st in cal.stats[m]:
+            if m.startswith("unet"):  # SETTINGS.timesteps = 2 calls, one per fold
+                assert st.fold_rows[0] == st.fold_rows[1] > 0
+            else:
+                assert st.fold_rows[1] == 0 and st.fold_grams64() is None

@@ -393,3 +393,47 @@ def test_merge_loras_reports_the_kept_iterate_and_its_errors():
     result = report.results["iteris"]
     assert result.calibration == pytest.approx(dense_errors(backend, cds, result.deltas), rel=1e-4, abs=1e-6)
     assert result.calibration == report.history[best].errors
+
+
+class FoldedChainBackend(ChainBackend):
+    """ChainBackend telling the sink each call's fold (its calibration batch's parity)."""
+
+    def capture(self, concept, reference, merged, modules, sink, progress=lambda *a: None):
+        with torch.no_grad():
+            for call, x in enumerate(self.data[concept]):
+                ref = self.inputs(x, reference)
+                mer = None if merged is None else self.inputs(x, merged)
+                for m in LAYERS:
+                    if m in modules:
+                        for k, X in enumerate(ref[m]):
+                            sink(m, X, None if mer is None else mer[m][k], folds=call % 2)
+
+
+def test_automatic_ridge_solves_each_layer_with_its_cross_validated_choice():
+    from iteris_sd.merge.ridge import choose_ridge
+    from iteris_sd.merge.solve import solve_layer
+
+    backend = FoldedChainBackend(rows=5, calls=4)
+    cds = concept_deltas(backend)
+    config = IterISConfig(iterations=0, regularization="auto", ridge_target="auto")
+    cal = CalibrationStats(backend, cds, track_folds=True)
+    outcome = run_iteris(backend, cal, config, lambda *a: None)
+    assert set(outcome.ridges) == set(LAYERS) and all(r.validated for r in outcome.ridges.values())
+    check = CalibrationStats(backend, cds, track_folds=True)
+    check.capture_references(backend, lambda *a: None)
+    for m, p in check.problems().items():
+        weights = adaptive_weights(p)
+        chosen = choose_ridge(p, weights)
+        assert outcome.ridges[m] == chosen
+        torch.testing.assert_close(outcome.deltas[m][1], solve_layer(p, weights, chosen.a, ridge_target=chosen.target))
+
+
+def test_automatic_ridge_through_merge_options_reports_its_choices():
+    backend = FoldedChainBackend(rows=5, calls=4)
+    report = merge_loras(backend, lora_files(concept_deltas(backend)), ["iteris"],
+                         MergeOptions(iterations=1, regularization="auto", ridge_target="auto", memory_budget=None))
+    assert set(report.ridges) == set(LAYERS)
+    assert report.ridge_summary().startswith("ridge chosen by cross-validation: a = ")
+    fixed = merge_loras(backend, lora_files(concept_deltas(backend)), ["iteris"],
+                        MergeOptions(iterations=1, regularization=0.1, ridge_target="sum", memory_budget=None))
+    assert not fixed.ridges and fixed.ridge_summary() is None

@@ -229,7 +229,7 @@ def test_wrong_types_nested(files):
     ("regularization", -1e-3, "regularization: must be >= 0.0, got -0.001"),
     ("seed", -1, "seed: must be >= 0, got -1"),
     ("method", "avg", "method: expected one of iteris, regmean, ssr, stack"),
-    ("ridge_target", "stack", "ridge_target: expected one of average, sum; got 'stack'"),
+    ("ridge_target", "stack", "ridge_target: expected one of average, sum, auto; got 'stack'"),
     ("compare", ["linear", "tie"], "compare[1]: expected one of iteris"),
     ("compare", ["ties", "ties"], "compare[1]: 'ties' is repeated"),
     ("dtype", "fp8", "dtype: expected one of fp16, bf16, fp32; got 'fp8'"),
@@ -488,3 +488,15 @@ def test_path_types_are_str(files):
     r = parse_recipe(minimal(files), base_dir=files)
     assert all(isinstance(v, str) for v in (r.base, r.output, r.lora[0].path))
     assert os.path.isabs(r.base)
+
+
+def test_regularization_takes_auto_or_a_number_in_the_file_and_on_the_command_line(files):
+    r = parse_recipe(minimal(files) | {"regularization": "auto", "ridge_target": "auto"})
+    assert r.regularization == "auto" and r.ridge_target == "auto"
+    assert parse_recipe(minimal(files) | {"regularization": 1}).regularization == 1.0
+    assert apply_overrides(r, {"regularization": "0.01", "ridge_target": "sum"}).regularization == 0.01
+    assert apply_overrides(r, {"regularization": "auto"}).regularization == "auto"
+    assert "regularization: expected 'auto' or a number, got 'much'" in error(minimal(files) | {"regularization": "much"})
+    assert "regularization: must be >= 0.0, got -1.0" in error(minimal(files) | {"regularization": -1})
+    with pytest.raises(RecipeError, match="--regularization: expected 'auto' or a number, got 'lots'"):
+        apply_overrides(r, {"regularization": "lots"})

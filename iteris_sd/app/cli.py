@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     progress.close()
     print(report.table())
+    if report.ridges:
+        print(report.ridge_summary())
     for r in report.history:
         per_concept = ", ".join(f"{c} {e:.4f}" for c, e in zip(report.concepts, r.errors))
         kept = "  <- kept" if r.iteration == report.chosen_iteration else ""

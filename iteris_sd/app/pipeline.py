@@ -28,6 +28,7 @@ from ..merge.measure import measure
 from ..merge.methods import get_method
 from ..merge.options import MergeOptions
 from ..merge.plan import Plan, plan_merge
+from ..merge.ridge import AUTO, RidgeChoice, describe_ridges
 from ..progress import ProgressFn, no_progress
 from .recipe import Recipe, recipe_to_dict
 
@@ -60,6 +61,11 @@ class MergeReport:
     seconds: float = 0.0
     peak_memory_bytes: int = 0
     plan: Plan | None = None  # the memory plan, with anything changed during the merge in plan.events
+    ridges: dict[str, RidgeChoice] = field(default_factory=dict)  # IterIS's automatic ridge, per layer
+
+    def ridge_summary(self) -> str | None:
+        """One line on the automatic ridge's choices, or None with a fixed ridge."""
+        return describe_ridges(self.ridges) if self.ridges else None
 
     def table(self) -> str:
         """A plain-text table: one row per method, one column per concept and metric."""
@@ -138,11 +144,13 @@ def merge_loras(
     start = time.perf_counter()
     _check_inputs(backend, loras, methods)
     per_concept = concept_deltas(backend, loras)
+    folds = options.regularization == AUTO and "iteris" in methods  # the automatic ridge's two folds
     plan = plan_merge(backend, per_concept, budget=options.memory_budget, chunk_layers=options.chunk_layers,
-                      tokens=options.tokens, solve_device=options.solve_device, iterations=options.iterations)
+                      tokens=options.tokens, solve_device=options.solve_device, iterations=options.iterations,
+                      folds=folds)
     if on_plan is not None:
         on_plan(plan)
-    cal = CalibrationStats(backend, per_concept, plan=plan, seed=options.seed)
+    cal = CalibrationStats(backend, per_concept, plan=plan, seed=options.seed, track_folds=folds)
     t_ref = time.perf_counter()
     cal.capture_references(backend, progress)
     reference_seconds = time.perf_counter() - t_ref
@@ -157,6 +165,8 @@ def merge_loras(
         deltas, energy = out.deltas, out.energy
         if out.history:
             report.history, report.chosen_iteration = out.history, out.chosen_iteration
+        if out.ridges and name == methods[0]:
+            report.ridges = out.ridges
         if options.rank is not None:
             deltas, kept = _truncate_all(deltas, options.rank)
             energy = {m: e * energy.get(m, 1.0) for m, e in kept.items()}
@@ -256,6 +266,8 @@ def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress, score_new_see
     summary = recipe_to_dict(recipe)
     summary["calibration_error"] = dict(zip(report.concepts, report.results[recipe.method].calibration))
     summary["chosen_iteration"] = report.chosen_iteration
+    if report.ridges:
+        summary["ridge_chosen"] = report.ridge_summary()
     write_merged(recipe.output, backend, report.results[recipe.method].deltas, inputs=loras, recipe=summary,
                  dtype=recipe.dtype, overwrite=recipe.overwrite)
     report.output = recipe.output

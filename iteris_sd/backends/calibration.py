@@ -41,6 +41,17 @@ def spread(items: list, count: int) -> list:
     return [items[round(k * (len(items) - 1) / (count - 1))] for k in range(count)]
 
 
+def picture_folds(prompts: int, seeds: int = 1) -> list[int] | None:
+    """The two cross-validation folds of a concept's calibration pictures (prompt-major,
+    ``seeds`` per prompt), for the automatic ridge: by prompt when there are several, else
+    by seed; None for a single picture (the backend then folds by forward call)."""
+    if prompts >= 2:
+        return [p % 2 for p in range(prompts) for _ in range(seeds)]
+    if seeds >= 2:
+        return [s % 2 for s in range(seeds)]
+    return None
+
+
 class TrajectoryCache:
     """Each concept's calibration trajectory, reused only for what it was sampled from: the
     same ``key`` (the backend's prompts, settings and seed) and the same reference deltas

@@ -20,8 +20,11 @@ from .layers import ConvGeometry, Factors
 
 # module id -> (U, Z): the flattened weight change U @ Z, U (d_out, R), Z (R, d_in)
 Deltas = dict[str, Factors]
-# (module id, X rows of the reference model, X~ rows of the merged model or None)
-InputSink = Callable[[str, Tensor, "Tensor | None"], None]
+# sink(module id, X of the reference model, X~ of the merged model or None, folds=None): the
+# layer's inputs as it received them (batch first). The keyword ``folds`` puts the call's
+# calibration pictures into two folds for the automatic ridge: an int for the whole call, or a
+# (batch,) tensor of 0/1 per batch element; every sink accepts it, a backend may omit it.
+InputSink = Callable[..., None]
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,10 @@ class Backend(Protocol):
         """Run concept ``concept``'s calibration data through the model carrying ``reference``
         (LoRA i alone) and, when ``merged`` is given, through the model carrying ``merged`` on
         exactly the same latents, timesteps and prompt tokens. For every module in ``modules``
-        and every forward call, call ``sink(module, X, X_merged)`` with the paired input rows
-        (``layer_rows`` form); X_merged is None when ``merged`` is None."""
+        and every forward call, call ``sink(module, X, X_merged, folds=...)`` with the paired inputs;
+        X_merged is None when ``merged`` is None. ``folds`` (see `InputSink`) should split the
+        concept's calibration pictures in two: by prompt where it has several, else by seed,
+        else by forward call; a backend that passes none gets the fixed fallback ridge."""
 
     def noise_fidelity(
         self, prompts: list[str], seed: int, reference: Deltas, candidates: dict[str, Deltas],

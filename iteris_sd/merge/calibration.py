@@ -38,6 +38,20 @@ class Timings:
         return self.capture - self.statistics
 
 
+def row_folds(folds: int | Tensor | None, batch: int, rows: int) -> Tensor | None:
+    """The fold of each of a call's ``rows`` (bool, True = fold 1) from the backend's
+    ``folds``: one fold for the whole call (an int), or one per batch element ((batch,)
+    tensor, each element's rows contiguous, as `layer_rows` lays them out)."""
+    if folds is None:
+        return None
+    if isinstance(folds, int):
+        return torch.full((rows,), bool(folds), dtype=torch.bool)
+    folds = torch.as_tensor(folds, dtype=torch.bool).cpu()
+    if folds.numel() != batch or rows % batch:
+        return None  # (a layer that flattened its batch: all its rows in fold 0)
+    return folds.repeat_interleave(rows // batch)
+
+
 class CalibrationStats:
     """Per-layer, per-concept statistics for a merge, filled by backend captures, chunk by
     chunk as ``plan`` (an `iteris_sd.merge.plan.Plan`) says; without a plan, one chunk of every
@@ -48,12 +62,13 @@ class CalibrationStats:
     chunk runs out of memory, is `iteris_sd.merge.chunks.run_chunks`."""
 
     def __init__(self, backend: Backend, concept_deltas: list[Deltas], dtype=torch.float32, plan: Plan | None = None,
-                 seed: int = 0):
+                 seed: int = 0, track_folds: bool = False):
         self.concept_deltas = concept_deltas
         self.layers = sorted({m for d in concept_deltas for m in d})
         self.targets = {m: backend.target(m) for m in self.layers}
         self.dtype = dtype
         self.seed = seed
+        self.track_folds = track_folds  # split the reference statistics into two folds (the automatic ridge)
         if plan is None:
             specs = [LayerSpec(m, t.weight.shape[1], t.weight.shape[0],
                                sum(d[m][0].shape[1] for d in concept_deltas if m in d))
@@ -75,8 +90,8 @@ class CalibrationStats:
         d_in = self.targets[m].weight.shape[1]
         k = self.plan.tokens.get(m)
         if k:
-            return SampledStats(d_in, k, sample_seed(self.seed, m, i), self.dtype)
-        return ConceptStats.lazy(d_in, self.dtype)
+            return SampledStats(d_in, k, sample_seed(self.seed, m, i), self.dtype, track_folds=self.track_folds)
+        return ConceptStats.lazy(d_in, self.dtype, self.track_folds)
 
     def _ensure(self, layers) -> None:
         for m in layers:
@@ -125,7 +140,7 @@ class CalibrationStats:
                 else:
                     st.reset_merged()
 
-            def sink(module, X, X_merged, i=i):
+            def sink(module, X, X_merged, folds=None, i=i):
                 sync = self.timing_sync
                 if sync is not None:
                     sync()
@@ -133,7 +148,8 @@ class CalibrationStats:
                 conv = self.targets[module].conv
                 st = self.stats[module][i]
                 if X_merged is None:
-                    st.add_reference(layer_rows(X.detach(), conv))
+                    rows = layer_rows(X.detach(), conv)
+                    st.add_reference(rows, row_folds(folds, X.shape[0], rows.shape[0]) if self.track_folds else None)
                 else:
                     st.add_pair(layer_rows(X.detach(), conv), layer_rows(X_merged.detach(), conv), reference=reference_too)
                 if sync is not None:

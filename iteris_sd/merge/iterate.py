@@ -24,7 +24,8 @@ from .calibration import CalibrationStats
 from .chunks import run_chunks
 from .measure import concept_errors
 from .plan import Plan
-from .solve import LayerProblem, concept_residuals, solve_layer
+from .ridge import AUTO, RidgeChoice, choose_ridge
+from .solve import RIDGE_TARGETS, LayerProblem, concept_residuals, solve_layer
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,8 @@ class IterISConfig:
     # Not the paper's (1e-3 toward the average): on the demo model, a ridge of 0.1 toward the sum
     # keeps 2 to 4 LoRAs' concepts in the pictures far more often at about the same held-out
     # error; 1e-3 toward the average fits more closely and loses most concepts (docs/benchmark.md, the ridge sweep)
-    regularization: float = 0.1
-    ridge_target: str = "sum"
+    regularization: float | str = 0.1  # or "auto": per layer by cross-validation (ridge.py)
+    ridge_target: str = "sum"  # or "auto" (with regularization "auto"): chosen with the ridge
     keep_best: bool = True
     adaptive: bool = True
     keep_iterates: bool = False  # MergeOutcome.iterates: every iterate, for curves against t
@@ -60,6 +61,7 @@ class MergeOutcome:
     history: list[IterationRecord] = field(default_factory=list)
     chosen_iteration: int = 0
     iterates: list[Deltas] = field(default_factory=list)  # with IterISConfig.keep_iterates
+    ridges: dict[str, RidgeChoice] = field(default_factory=dict)  # per layer, with regularization "auto"
 
 
 def merge_iteris(
@@ -70,7 +72,7 @@ def merge_iteris(
     plan: Plan | None = None,
 ) -> MergeOutcome:
     """Merge the concepts' deltas with damped IterIS; returns the kept iterate and history."""
-    cal = CalibrationStats(backend, concept_deltas, plan=plan)
+    cal = CalibrationStats(backend, concept_deltas, plan=plan, track_folds=config.regularization == AUTO)
     cal.capture_references(backend, progress)
     return run_iteris(backend, cal, config, progress)
 
@@ -87,13 +89,22 @@ def run_iteris(backend: Backend, cal: CalibrationStats, config: IterISConfig, pr
     cal.reset_merged()  # the first solve is from X~ = X, whatever was measured before
     n = len(cal.concept_deltas)
     ups = cal.ups()
-    reg = config.regularization
+    ridges: dict[str, RidgeChoice] = {}
+    targets = RIDGE_TARGETS if config.ridge_target == AUTO else (config.ridge_target,)
     solved = [0]
+
+    def ridge(p: LayerProblem, weights: list[float]) -> RidgeChoice:
+        if config.regularization != AUTO:
+            return RidgeChoice(config.regularization, config.ridge_target)
+        if p.name not in ridges:  # on the first solve, from the reference statistics' folds
+            ridges[p.name] = choose_ridge(p, weights, targets, device=cal.solve_device)
+        return ridges[p.name]
 
     def solve(p: LayerProblem) -> Tensor:
         weights = cal.weights(p, config.adaptive)  # (timed on its own)
         t0 = time.perf_counter()
-        z = solve_layer(p, weights, reg, device=cal.solve_device, ridge_target=config.ridge_target)
+        r = ridge(p, weights)
+        z = solve_layer(p, weights, r.a, device=cal.solve_device, ridge_target=r.target)
         cal.timings.solve += time.perf_counter() - t0
         solved[0] += 1
         progress("solve", solved[0], len(cal.layers))
@@ -105,8 +116,8 @@ def run_iteris(backend: Backend, cal: CalibrationStats, config: IterISConfig, pr
     Z = run_chunks(cal, first, progress)
     if config.iterations == 0:
         deltas = {m: (ups[m], Z[m]) for m in cal.layers}
-        return MergeOutcome(deltas, iterates=[deltas] if config.keep_iterates else [])
-    outcome, best = MergeOutcome({}), None
+        return MergeOutcome(deltas, iterates=[deltas] if config.keep_iterates else [], ridges=ridges)
+    outcome, best = MergeOutcome({}, ridges=ridges), None
     for t in range(config.iterations + 1):
         current = {m: (ups[m], Z[m]) for m in cal.layers}
         last = t == config.iterations

@@ -35,7 +35,7 @@ def measure(backend: Backend, cal: CalibrationStats, merged: Deltas, progress: P
     layer where the Gram form costs n d^2; every token counts, also under a token budget."""
     sums = {m: ([0.0] * len(cal.concept_deltas), [0.0] * len(cal.concept_deltas)) for m in cal.layers}
     for i, reference in enumerate(cal.concept_deltas):
-        def sink(module, X, X_merged, i=i, reference=reference):
+        def sink(module, X, X_merged, folds=None, i=i, reference=reference):
             conv = cal.targets[module].conv
             got = _delta_output(merged.get(module), X_merged, conv)
             want = _delta_output(reference.get(module), X, conv)

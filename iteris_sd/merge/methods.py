@@ -19,6 +19,7 @@ from .calibration import CalibrationStats
 from .iterate import IterationRecord, run_iteris
 from .options import MergeOptions
 from .regmean import regmean
+from .ridge import RidgeChoice
 from .ssr import ssr
 
 
@@ -31,6 +32,7 @@ class MethodOutput:
     energy: dict[str, float] = field(default_factory=dict)
     history: list[IterationRecord] = field(default_factory=list)
     chosen_iteration: int = 0
+    ridges: dict[str, RidgeChoice] = field(default_factory=dict)  # IterIS's automatic ridge, per layer
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ class MergeMethod:
 
 def _iteris(backend, cal, options, progress) -> MethodOutput:
     outcome = run_iteris(backend, cal, options.iteris_config(), progress)
-    return MethodOutput(outcome.deltas, history=outcome.history, chosen_iteration=outcome.chosen_iteration)
+    return MethodOutput(outcome.deltas, history=outcome.history, chosen_iteration=outcome.chosen_iteration,
+                        ridges=outcome.ridges)
 
 
 def _regmean(backend, cal, options, progress) -> MethodOutput:

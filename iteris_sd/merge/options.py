@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..settings import check_settings, setting
+from ..settings import SettingError, check_settings, setting
 from .iterate import IterISConfig
+from .ridge import AUTO
 from .solve import RIDGE_TARGETS
 
 SOLVE_DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+")
@@ -29,13 +30,16 @@ class MergeOptions:
                               "merged model's inputs and solves again.", IterISConfig.iterations, ge=0)
     damping: float = setting("Damping of each iteration, in (0, 1]; 1 = the paper's undamped iteration.",
                              IterISConfig.damping, gt=0.0, le=1.0)
-    regularization: float = setting("Ridge on the feature Gram matrices, relative to their Frobenius norm (>= 0; "
-                                    "the paper's a1 = a2, 1e-7 to 1e-4 in its configurations).",
-                                    IterISConfig.regularization, ge=0.0)
+    regularization: float | str = setting(
+        "IterIS's ridge on the feature Gram matrices, relative to their Frobenius norm: 'auto' (chosen per layer, "
+        "from 1e-7 to 10, by 2-fold cross-validation over the calibration pictures) or a number >= 0 for every "
+        "layer (the paper's a1 = a2, 1e-7 to 1e-4 in its configurations).",
+        IterISConfig.regularization, ge=0.0, words=(AUTO,))
     ridge_target: str = setting("What IterIS's ridge pulls the merge toward along input directions the calibration "
                                 "barely reaches: 'average' of the LoRAs' deltas (the paper's; each LoRA at about 1/N "
-                                "strength there) or their 'sum' (each at full strength, as when stacked).",
-                                IterISConfig.ridge_target, choices=RIDGE_TARGETS)
+                                "strength there), their 'sum' (each at full strength, as when stacked), or 'auto' "
+                                "(with regularization 'auto': chosen per layer with the ridge).",
+                                IterISConfig.ridge_target, choices=(*RIDGE_TARGETS, AUTO))
     adaptive_weights: bool = setting("IterIS's adaptive weights c_i = ||W0 + dW_i||^2 / ||X_i (W0 + dW_i)^T||^2 per "
                                      "layer and LoRA (true, as in the paper) or equal weights (false).",
                                      IterISConfig.adaptive)
@@ -60,6 +64,9 @@ class MergeOptions:
 
     def __post_init__(self) -> None:
         check_settings(self, "MergeOptions")
+        if self.ridge_target == AUTO and self.regularization != AUTO:
+            raise SettingError(f"MergeOptions.ridge_target: 'auto' needs regularization 'auto' (got "
+                               f"{self.regularization!r}); set ridge_target to 'sum' or 'average'")
 
     def iteris_config(self) -> IterISConfig:
         return IterISConfig(iterations=self.iterations, damping=self.damping, regularization=self.regularization,

@@ -151,15 +151,16 @@ class LayerSpec:
     rank: int
 
 
-def layer_bytes(spec: LayerSpec, n: int, tokens: int | None) -> tuple[int, int, int]:
+def layer_bytes(spec: LayerSpec, n: int, tokens: int | None, folds: bool = False) -> tuple[int, int, int]:
     """(reference, paired, solve) bytes of one layer for n concepts: the reference
     statistics, the paired ones (float32, on the statistics' device) and the float64
-    working memory of its solve (one layer at a time)."""
+    working memory of its solve (one layer at a time). ``folds``: the automatic ridge's
+    second reference Gram per concept and its cross-validation (two D_f, their eigenvectors)."""
     d, R = spec.d_in, spec.rank
     small = F64 * d * (2 * spec.d_out + 3 * R)  # factors, right-hand sides, adaptive weights
     if tokens is None:
-        ref, pair = n * gram_bytes(d), 2 * n * gram_bytes(d)
-        solve = 3 * d * d * F64 + small  # D, one statistic, the Cholesky factor (or eigh's vectors)
+        ref, pair = (n + n * folds) * gram_bytes(d), 2 * n * gram_bytes(d)
+        solve = (5 if folds else 3) * d * d * F64 + small  # D, one statistic, the Cholesky factor (or eigh's vectors)
         return ref, pair, solve
     k = tokens
     ref, pair = n * sample_bytes(d, k), 2 * n * sample_bytes(d, k)
@@ -185,12 +186,13 @@ class Plan:
     device: torch.device = torch.device("cpu")
     solve_device: torch.device | None = None  # None: where the statistics are
     iterations: int = 5
+    folds: bool = False  # reference statistics split in two folds (the automatic ridge)
     notes: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=list)  # what changed during the merge
 
     # ----- estimates
     def costs(self, name: str) -> tuple[int, int, int]:
-        return layer_bytes(self.specs[name], self.concepts, self.tokens.get(name))
+        return layer_bytes(self.specs[name], self.concepts, self.tokens.get(name), self.folds)
 
     def solve_on_device(self) -> bool:
         return self.solve_device is None or torch.device(self.solve_device) == torch.device(self.device)
@@ -274,7 +276,7 @@ class Plan:
 
 def make_plan(specs: list[LayerSpec], concepts: int, budget: int | None, *, chunk_layers: int | None = None,
               tokens: int | None = None, device="cpu", solve_device="auto", iterations: int = 5,
-              budget_note: str = "") -> Plan:
+              budget_note: str = "", folds: bool = False) -> Plan:
     """Plan a merge of ``concepts`` LoRAs over the layers ``specs`` under ``budget`` bytes
     (None: no limit). See the module docstring for what is decided and how."""
     device = torch.device(device)
@@ -284,7 +286,7 @@ def make_plan(specs: list[LayerSpec], concepts: int, budget: int | None, *, chun
     by_name = {s.name: s for s in sorted(specs, key=lambda s: s.name)}
     names = list(by_name)
     plan = Plan(by_name, concepts, [names] if names else [], budget=budget, budget_note=budget_note, device=device,
-                solve_device=solve_dev, iterations=iterations)
+                solve_device=solve_dev, iterations=iterations, folds=folds)
     if tokens is not None:
         if tokens < 1:
             raise ValueError(f"tokens: expected a positive number of rows, got {tokens}")
@@ -362,7 +364,8 @@ def _pack(plan: Plan, budget: int) -> list[list[str]] | None:
 
 
 def plan_merge(backend, concept_deltas: list[dict], *, budget="auto", chunk_layers: int | None = None,
-               tokens: int | None = None, solve_device: str = "auto", iterations: int = 5, device=None) -> Plan:
+               tokens: int | None = None, solve_device: str = "auto", iterations: int = 5, device=None,
+               folds: bool = False) -> Plan:
     """The plan for merging ``concept_deltas`` (per LoRA: module id -> (B, A)) on ``backend``."""
     layers = sorted({m for d in concept_deltas for m in d})
     specs = []
@@ -376,4 +379,4 @@ def plan_merge(backend, concept_deltas: list[dict], *, budget="auto", chunk_laye
     if value == "auto":
         value, note = auto_budget(device)
     return make_plan(specs, len(concept_deltas), value, chunk_layers=chunk_layers, tokens=tokens, device=device,
-                     solve_device=solve_device, iterations=iterations, budget_note=note)
+                     solve_device=solve_device, iterations=iterations, budget_note=note, folds=folds)

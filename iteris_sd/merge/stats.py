@@ -8,7 +8,9 @@ the solve needs
     C = X^T X~     (d_in, d_in)
     H = X~^T X~
 
-summed over prompts, timesteps and tokens. They are kept in one of two forms:
+summed over prompts, timesteps and tokens. For the automatic ridge (`iteris_sd.merge.ridge`)
+the reference pass can also split G into two folds of calibration pictures, G = G_0 + G_1
+(``track_folds``; rows come tagged with their fold, 0 or 1). They are kept in one of two forms:
 
 - **Gram form** (`ConceptStats`, the default): the three d_in x d_in sums themselves,
   accumulated as the passes run. Exact; 3 d_in^2 floats per layer and concept.
@@ -62,6 +64,9 @@ class ConceptStats:
     rows: int = 0
     d_in: int = 0
     dtype: torch.dtype = torch.float32
+    track_folds: bool = False
+    fold_gram: Tensor | None = None  # G_1, the rows of fold 1 (with track_folds)
+    fold_rows: tuple[int, int] = (0, 0)
 
     form = "gram"
 
@@ -74,21 +79,30 @@ class ConceptStats:
         return cls(_normal_zeros(d_in, d_in, dtype=dtype, device=device))
 
     @classmethod
-    def lazy(cls, d_in: int, dtype=torch.float32) -> ConceptStats:
+    def lazy(cls, d_in: int, dtype=torch.float32, track_folds: bool = False) -> ConceptStats:
         """Allocated on the device of the first rows added."""
-        return cls(None, d_in=d_in, dtype=dtype)
+        return cls(None, d_in=d_in, dtype=dtype, track_folds=track_folds)
 
     # ----- accumulation (called from the capture sinks)
     def _alloc(self, like: Tensor) -> Tensor:
         return _normal_zeros(self.d_in, self.d_in, dtype=self.dtype, device=like.device)
 
-    def add_reference(self, X: Tensor) -> None:
-        """gram += X^T X for a batch of rows X (n, d_in) of the LoRA-i model."""
+    def add_reference(self, X: Tensor, folds: Tensor | None = None) -> None:
+        """gram += X^T X for a batch of rows X (n, d_in) of the LoRA-i model; with
+        ``track_folds``, ``folds`` (n,) bool marks the rows of fold 1 (None: all in fold 0)."""
         if self.gram is None:
             self.gram = self._alloc(X)
         X = X.to(self.gram.dtype)
         self.gram.addmm_(X.T, X)
         self.rows += X.shape[0]
+        if self.track_folds:
+            ones = 0 if folds is None else int(folds.sum())
+            if ones:
+                if self.fold_gram is None:
+                    self.fold_gram = self._alloc(X)
+                X1 = X[folds.to(X.device)]
+                self.fold_gram.addmm_(X1.T, X1)
+            self.fold_rows = (self.fold_rows[0] + X.shape[0] - ones, self.fold_rows[1] + ones)
 
     def add_pair(self, X: Tensor, X_merged: Tensor, reference: bool = False) -> None:
         """cross += X^T X~, gram_merged += X~^T X~ for rows paired one to one; with
@@ -114,6 +128,8 @@ class ConceptStats:
     def reset_reference(self) -> None:
         """Forget the reference statistics too (they are recaptured when needed)."""
         self.gram = None
+        self.fold_gram = None
+        self.fold_rows = (0, 0)
         self.rows = 0
         self.reset_merged()
 
@@ -150,6 +166,13 @@ class ConceptStats:
         H = self._gram() if self.gram_merged is None else self.gram_merged
         return _f64(H, device or H.device)
 
+    def fold_grams64(self, device=None) -> tuple[Tensor, Tensor] | None:
+        """(G_0, G_1) in float64, or None unless both folds received rows."""
+        if not all(self.fold_rows):
+            return None
+        G1 = _f64(self.fold_gram, device or self.fold_gram.device)
+        return self.gram64(device) - G1, G1
+
     def energy(self, M: Tensor) -> float:
         """||X M^T||_F^2 = tr(M G M^T) for M (d_out, d_in) float64."""
         G = self._gram()
@@ -164,7 +187,8 @@ class ConceptStats:
         return G, self.cross.double(), self.gram_merged.double()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.gram, self.cross, self.gram_merged) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.gram, self.cross, self.gram_merged, self.fold_gram)
+                   if t is not None)
 
 
 def sample_seed(seed: int, layer: str, concept: int) -> int:
@@ -219,6 +243,8 @@ class SampledStats:
     pair_sample: Tensor | None = None
     merged_sample: Tensor | None = None
     rows: int = 0
+    track_folds: bool = False
+    sample_folds: Tensor | None = None  # (size,) bool: the kept reference row is in fold 1
     _ref: _Sketch | None = field(default=None, repr=False)
     _pair: _Sketch | None = field(default=None, repr=False)
 
@@ -227,14 +253,16 @@ class SampledStats:
     def _buffer(self, like: Tensor) -> Tensor:
         return _normal_zeros(self.size, self.d_in, dtype=self.dtype, device=like.device)
 
-    def add_reference(self, X: Tensor) -> None:
+    def add_reference(self, X: Tensor, folds: Tensor | None = None) -> None:
         if self.sample is None:
             self.sample = self._buffer(X)
             self._ref = _Sketch.empty(self.size)
+            self.sample_folds = torch.zeros(self.size, dtype=torch.bool)
         slots, incoming = self._ref.offer(X.shape[0], self.seed)
         if slots.numel():
             dev = self.sample.device
             self.sample[slots.to(dev)] = X[incoming.to(X.device)].to(self.dtype)
+            self.sample_folds[slots] = False if folds is None else folds.cpu()[incoming]
         self.rows = self._ref.rows
 
     def add_pair(self, X: Tensor, X_merged: Tensor, reference: bool = False) -> None:
@@ -258,6 +286,7 @@ class SampledStats:
 
     def reset_reference(self) -> None:
         self.sample = None
+        self.sample_folds = None
         self._ref = None
         self.rows = 0
         self.reset_merged()
@@ -320,6 +349,18 @@ class SampledStats:
     def merged_gram64(self, device=None) -> Tensor:
         _, _, Xm, s = self.rows64(device)
         return s * (Xm.T @ Xm)
+
+    def fold_grams64(self, device=None) -> tuple[Tensor, Tensor] | None:
+        """(G_0, G_1) from the kept rows of each fold (rescaled like G), or None unless
+        ``track_folds`` and both folds kept rows."""
+        if not self.track_folds or self.sample is None:
+            return None
+        X, _, _, s = self.rows64(device)
+        ones = self.sample_folds[torch.isfinite(self._ref.keys)].to(X.device)
+        if not 0 < int(ones.sum()) < ones.numel():
+            return None
+        X0, X1 = X[~ones], X[ones]
+        return s * (X0.T @ X0), s * (X1.T @ X1)
 
     def energy(self, M: Tensor) -> float:
         X, _, _, s = self.rows64()

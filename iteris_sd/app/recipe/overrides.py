@@ -33,11 +33,13 @@ def _from_string(text: str, hint: Any, label: str) -> Any:
             return int(text.strip())
         except ValueError:
             raise RecipeError(f"{label}: expected an integer, got {text!r}") from None
-    if inner is float:
+    if inner is float or typing.get_args(inner) == (float, str):
         try:
             return float(text.strip())
         except ValueError:
-            raise RecipeError(f"{label}: expected a number, got {text!r}") from None
+            if inner is float:
+                raise RecipeError(f"{label}: expected a number, got {text!r}") from None
+            return text.strip()  # a word, checked by the field's `words`
     return text
 
 

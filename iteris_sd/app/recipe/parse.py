@@ -55,6 +55,10 @@ def _check_scalar(value: Any, typ: type, label: str, with_type: bool = True) -> 
         if isinstance(value, str):
             return value
         raise RecipeError(f"{label}: expected a string, {_got(value, with_type)}")
+    if typing.get_args(typ) == (float, str):  # a number or a word (the field's `words` check says which)
+        if isinstance(value, str):
+            return value
+        return _check_scalar(value, float, label, with_type)
     raise TypeError(f"unsupported field type {typ!r}")  # pragma: no cover
 
 

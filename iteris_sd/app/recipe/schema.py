@@ -71,7 +71,7 @@ class Recipe:
     seed: int = _option("seed")
     overwrite: bool = setting("Replace `output` if it already exists.", False)
     damping: float = _option("damping")
-    regularization: float = _option("regularization")
+    regularization: float | str = _option("regularization")
     ridge_target: str = _option("ridge_target")
     adaptive_weights: bool = _option("adaptive_weights")
     compare: list[str] = setting("Other methods evaluated in the same run for the report table "
