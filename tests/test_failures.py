@@ -686,7 +686,8 @@ def test_recipe_errors_name_the_field_and_value(case, tmp_path, base, keymap, ca
     ("damping", 1.5, "must be in (0.0, 1.0], got 1.5"), ("regularization", -1e-3, "must be >= 0.0, got -0.001"),
     ("rank", 0, "must be >= 1, got 0"), ("density", 0.0, "must be in (0.0, 1.0], got 0.0"),
     ("seed", -1, "must be >= 0, got -1"), ("chunk_layers", 0, "must be >= 1, got 0"), ("tokens", 0, "must be >= 1, got 0"),
-    ("ridge_target", "stack", "expected one of average, sum; got 'stack'"),
+    ("ridge_target", "stack", "expected one of average, sum, auto; got 'stack'"),
+    ("regularization", "high", "expected 'auto' or a number, got 'high'"),
 ])
 def test_bad_merge_options_fail_before_any_work(field, value, expected):
     """The Python API's MergeOptions checks its fields with the recipe's rules when made, not
