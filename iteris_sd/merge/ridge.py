@@ -125,19 +125,18 @@ def target_error(present: list[tuple[int, Tensor, Tensor]], weights: list[float]
                  T: Tensor) -> float:
     """W_t's own error on both folds, sum_f sum_i c_i tr((W_t - dW_i) G_if (W_t - dW_i)^T), with
     W_t - dW_i = U (T - S_i) and S_i = A_i in concept i's rows (zero for an absent concept)."""
-    rows = {}
-    start = 0
+    own_rows, start = {}, 0  # concept i -> (its rows of T, A_i)
     for i, _, A in present:
-        rows[i] = (start, start + A.shape[0])
+        own_rows[i] = (slice(start, start + A.shape[0]), A)
         start += A.shape[0]
     total = 0.0
     for i, (c, split) in enumerate(zip(weights, folds)):
         if split is None:
             continue
         Ti = T.clone()
-        if i in rows:
-            lo, hi = rows[i]
-            Ti[lo:hi] -= next(A for j, _, A in present if j == i)
+        if i in own_rows:
+            rows, A = own_rows[i]
+            Ti[rows] -= A
         total += c * float((UtU * (Ti @ (split[0] + split[1]) @ Ti.T)).sum())
     return total
 
