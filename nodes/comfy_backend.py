@@ -29,7 +29,7 @@ import comfy.weight_adapter
 import torch
 from torch import Tensor, nn
 
-from ..iteris_sd.backends.calibration import CalibrationSettings, TrajectoryCache, picture_folds, spread
+from ..iteris_sd.backends.calibration import CalibrationSettings, FoldingSink, TrajectoryCache, picture_folds, spread
 from ..iteris_sd.backends.hooks import hooked
 from ..iteris_sd.lora.keymap import KeyMismatchError
 from ..iteris_sd.lora.layer import LoraFile, LoraLayer
@@ -154,21 +154,17 @@ class ComfyBackend:
         te = [m for m in modules if m not in self.unet_keys]
         unet = [m for m in modules if m in self.unet_keys]
         pictures = picture_folds(len(traj.prompts))  # one picture per prompt
-        fold = {"now": None}
-
-        def fold_sink(m, X, X_merged):
-            sink(m, X, X_merged, folds=fold["now"])
-
+        folding = FoldingSink(sink)
         for p, prompt in enumerate(traj.prompts):
-            fold["now"] = None if pictures is None else pictures[p]
-            conds = self._encode_paired(prompt, reference, merged, te, fold_sink)
+            folding.now = None if pictures is None else pictures[p]
+            conds = self._encode_paired(prompt, reference, merged, te, folding)
             chunks = [reference] if merged is None else [reference, merged]
             calls = spread(traj.calls[p], self.settings.timesteps)
             comfy.model_management.load_models_gpu([self.model])
-            with hooked(self._module_map(chunks, unet), chunks, unet, fold_sink), torch.inference_mode():
+            with hooked(self._module_map(chunks, unet), chunks, unet, folding), torch.inference_mode():
                 for k, call in enumerate(calls):
                     if pictures is None:  # a single picture: its calls alternate between the folds
-                        fold["now"] = k % 2
+                        folding.now = k % 2
                     _replay(self.model.model, call, conds)
                     progress(f"capture concept {concept + 1}", p * len(calls) + k + 1, len(traj.prompts) * len(calls))
 

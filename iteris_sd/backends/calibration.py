@@ -52,6 +52,18 @@ def picture_folds(prompts: int, seeds: int = 1) -> list[int] | None:
     return None
 
 
+class FoldingSink:
+    """Wraps a capture sink so that every call it passes on carries ``now`` as its ``folds``
+    (see `iteris_sd.merge.backend.InputSink`); the backend sets ``now`` before each call."""
+
+    def __init__(self, sink) -> None:
+        self.sink = sink
+        self.now = None
+
+    def __call__(self, module: str, X, X_merged) -> None:
+        self.sink(module, X, X_merged, folds=self.now)
+
+
 class TrajectoryCache:
     """Each concept's calibration trajectory, reused only for what it was sampled from: the
     same ``key`` (the backend's prompts, settings and seed) and the same reference deltas

@@ -22,7 +22,7 @@ from ..merge.backend import Deltas, InputSink, Target
 from ..merge.layers import ConvGeometry
 from ..progress import ProgressFn, no_progress
 from ..seeds import fold_seed
-from .calibration import CalibrationSettings, TrajectoryCache, picture_folds, spread
+from .calibration import CalibrationSettings, FoldingSink, TrajectoryCache, picture_folds, spread
 from .hooks import hooked
 
 
@@ -86,16 +86,13 @@ class DiffusersBackend:
         # each chunk of a call is [negative x b, prompts x b] (text) or [x, x] (UNet, CFG);
         # a single picture's forward calls (timesteps) alternate between the folds instead
         pictures = picture_folds(len(self.concepts[concept]), self.settings.seeds)
-        fold = {"now": None if pictures is None else torch.tensor(pictures * 2)}
-
-        def fold_sink(m, X, X_merged):
-            sink(m, X, X_merged, folds=fold["now"])
-
-        with self._hooked(chunks, modules, fold_sink), torch.inference_mode():
+        folding = FoldingSink(sink)
+        folding.now = None if pictures is None else torch.tensor(pictures * 2)
+        with self._hooked(chunks, modules, folding), torch.inference_mode():
             cond = self._encode(traj.token_ids, len(chunks))
             for k, (t, x) in enumerate(captured):
                 if pictures is None:
-                    fold["now"] = k % 2
+                    folding.now = k % 2
                 self._guided_eps(x, t, cond, len(chunks))
                 progress(f"capture concept {concept + 1}", k + 1, len(captured))
 
