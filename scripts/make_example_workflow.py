@@ -2,9 +2,10 @@
 
 - "IterIS - merge two LoRAs": a checkpoint, two IterIS LoRA entries, the merge (its report and
   live chart on the node), the saved LoRA and one before/after picture (base | merged).
-- "IterIS - merge two LoRAs and compare": the same merge, and one picture grid with a row per
-  model (base, LoRA A alone, LoRA B alone, both stacked, merged) and a column per prompt (one for
-  A, one for B, one combining both), each part in a labelled group, with a note saying what to edit.
+- "IterIS - merge two LoRAs and compare": the same merge, and one labelled picture grid (IterIS
+  Compare Grid) with a row per model (base, LoRA A alone, LoRA B alone, both stacked, merged) and
+  a column per prompt (one for A, one for B, one combining both), each part in a labelled group,
+  with a note saying what to edit.
 
 The file names are the titles ComfyUI's template browser shows; the .jpg beside each .json is its
 card. Run it again after changing a graph below; `--thumbnails DIR` makes the .jpg cards from the
@@ -156,56 +157,28 @@ def minimal() -> dict:
 
 def compare() -> dict:
     g = Graph()
-    g.note(EDIT_FIRST + "Comparison models: the same two files in\n"
-           "   'LoRA A alone', 'LoRA B alone' and 'stacked'.\n"
-           "Grid prompts: one for A, one for B, one for both,\n"
-           "   and the negative prompt.\n\n"
-           "The grid (bottom right) has a row per model: base,\n"
-           "A alone, B alone, stacked, merged; and a column\n"
-           "per grid prompt, in that order.", (0, 0), (400, 290))
+    g.note(EDIT_FIRST + "5. Compare: the grid's prompts (a column each:\n"
+           "   one for A, one for B, one for both), the\n"
+           "   negative prompt, size, seed and steps.\n\n"
+           "The grid (bottom right) has a row per model: base, A\n"
+           "alone, B alone, both stacked, merged; and a\n"
+           "column per prompt. Its labels name them.", (0, 0), (400, 290))
     ckpt, merge, save = merge_part(g)
     chart = g.add("PreviewImage", [], [("images", "IMAGE", (merge, 4))], pos=(1560, 280), size=(420, 340),
                   title="Convergence chart")
     g.group("4. The merged LoRA", [save, chart])
-    y = 960
-    loader_out = [MODEL_OUT, CLIP_OUT]
-    ckpt_in = [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1))]
-    only_a = g.add("LoraLoader", [LORA_A, 1.0, 1.0], ckpt_in, loader_out, (0, y + 70), (380, 130), "LoRA A alone")
-    only_b = g.add("LoraLoader", [LORA_B, 1.0, 1.0], ckpt_in, loader_out, (0, y + 250), (380, 130), "LoRA B alone")
-    stacked = g.add("LoraLoader", [LORA_B, 1.0, 1.0], [("model", "MODEL", (only_a, 0)), ("clip", "CLIP", (only_a, 1))],
-                    loader_out, (0, y + 430), (380, 130), "stacked: A, then B")
-    g.group("Comparison models: the same LoRA files", [only_a, only_b, stacked], EDIT_COLOR)
-    prompts = [g.add("PrimitiveStringMultiline", [p], outputs=[("STRING", "STRING")], pos=(460, y + 70 + 150 * k),
-                     size=(420, 110), title=title)
-               for k, (p, title) in enumerate(zip(GRID_PROMPTS + [NEGATIVE],
-                                                  ["column 1: a prompt for A", "column 2: a prompt for B",
-                                                   "column 3: both", "negative prompt"]))]
-    latent = g.add("EmptyLatentImage", [SIZE, SIZE, 1], outputs=[("LATENT", "LATENT")], pos=(460, y + 670), size=(420, 110))
-    g.group("Grid prompts and picture size", [*prompts, latent], EDIT_COLOR)
-    rows = [("base", ckpt), ("LoRA A alone", only_a), ("LoRA B alone", only_b), ("stacked", stacked), ("merged", merge)]
-    grid, y = None, y + 880
-    for r, (name, src) in enumerate(rows):
-        row_nodes, row = [], None
-        for c in range(len(GRID_PROMPTS)):
-            nodes = sample(g, src, src, ckpt, prompts[c], prompts[-1], latent, (980 * c, y + 70), f"column {c + 1}",
-                           seed=SEED + c)
-            row_nodes += nodes
-            if row is not None:
-                row = stitch(g, row, nodes[-1], "right", (980 * c + 680, y + 150), f"{name}: columns 1-{c + 1}")
-                row_nodes.append(row)
-            else:
-                row = nodes[-1]
-        if grid is not None:
-            grid = stitch(g, grid, row, "down", (980 * 3, y + 70), f"grid: rows 1-{r + 1}")
-            row_nodes.append(grid)
-        else:
-            grid = row
-        g.group(f"Row {r + 1}: {name}", row_nodes)
-        y += 420
-    out = g.add("SaveImage", ["iteris_grid"], [("images", "IMAGE", (grid, 0))], pos=(980 * 3 + 340, y - 420 + 70),
-                size=(420, 420), title="The grid: a row per model")
-    g.group("The grid: rows base, A, B, stacked, merged; columns the 3 prompts", [out])
-    return g.workflow(scale=0.75)
+    entries = next(n for n in g.nodes if n.get("title") == "IterIS LoRA B")
+    grid = g.add("IterIS_CompareGrid", ["\n".join(GRID_PROMPTS), NEGATIVE, SIZE, SIZE, SEED, "fixed", STEPS, CFG,
+                                        "euler", "normal"],
+                 [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("vae", "VAE", (ckpt, 2)),
+                  ("loras", "ITERIS_LORA_LIST", (entries, 0)), ("merged_model", "MODEL", (merge, 0)),
+                  ("merged_clip", "CLIP", (merge, 1))],
+                 [("grid", "IMAGE")], pos=(0, 720), size=(880, 470))
+    g.group("5. Compare: base, each LoRA alone, stacked, merged", [grid], EDIT_COLOR)
+    out = g.add("SaveImage", ["iteris_grid"], [("images", "IMAGE", (grid, 0))], pos=(1560, 720), size=(420, 470),
+                title="The grid: a row per model, a column per prompt")
+    g.group("6. The grid", [out])
+    return g.workflow(scale=0.65)
 
 
 def thumbnails(folder: Path) -> None:
