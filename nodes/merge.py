@@ -111,9 +111,10 @@ class MergeNode(io.ComfyNode):
         lora = _lora_model(backend, layers, merged_metadata(backend, layers, files, recipe))
         model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, _state_dict(named_layers(lora)), 1.0, 1.0)
         progress.send_done(report)
-        # on the node: the table and the iterations; the memory plan only in the report output
+        # on the node a short per-LoRA table (the chart beside it has the iterations); the whole
+        # report, memory plan included, on the report output
         return io.NodeOutput(model_out, clip_out, lora, report_text(report), convergence_image(report),
-                             ui=ui.PreviewText(report_text(report, with_plan=False)))
+                             ui=ui.PreviewText(node_summary(report)))
 
 
 def _number_or_auto(text, name: str) -> float | str:
@@ -144,16 +145,30 @@ def _state_dict(layers: dict) -> dict:
     return out
 
 
-def report_text(report: MergeReport, with_plan: bool = True) -> str:
+def report_text(report: MergeReport) -> str:
     lines = [report.table()]
     if report.ridges:
         lines.append(report.ridge_summary())
-    if with_plan and report.plan is not None:
+    if report.plan is not None:
         lines.append(report.plan.describe())
     for rec in report.history:
         mark = "  <- kept" if rec.iteration == report.chosen_iteration else ""
         errors = "  ".join(f"{c} {e:.4f}" for c, e in zip(report.concepts, rec.errors))
         lines.append(f"iteration {rec.iteration}: {errors}{mark}")
+    lines.append(f"merged in {report.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def node_summary(report: MergeReport) -> str:
+    """What the node shows below its chart: each LoRA's calibration error, one line each, so the
+    text is as tall for 5 iterations as for 1 and fits a narrow node."""
+    errors = report.results[report.method].calibration
+    kept = f", iteration {report.chosen_iteration} kept" if report.history else ""
+    width = max(len(c) for c in report.concepts)
+    lines = [f"{report.method}: error per LoRA (0 = as the LoRA alone){kept}"]
+    lines += [f"  {c.ljust(width)}  {e:.4f}" for c, e in zip(report.concepts, errors)]
+    if report.ridges:
+        lines.append(report.ridge_summary())
     lines.append(f"merged in {report.seconds:.1f} s")
     return "\n".join(lines)
 

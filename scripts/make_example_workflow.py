@@ -27,7 +27,7 @@ NEGATIVE = "blurry, low quality"
 SIZE, STEPS, CFG, SEED = 512, 20, 7.0, 1000
 # widget values of IterIS Merge, in its input order (the node's defaults but the resolution)
 MERGE_WIDGETS = ["iteris", 5, 0, "euler", "normal", 8, 4, SIZE, 5.0, 0, "", 0.5, "0.1", "auto", "sum"]
-MERGE_SIZE = [520, 820]  # every widget and the chart web/iteris.js draws below them
+MERGE_SIZE = [520, 900]  # every widget, the chart web/iteris.js draws below them and the report for 2 LoRAs
 GROUP_COLOR, EDIT_COLOR = "#3f789e", "#8a6d3b"
 
 MODEL_OUT, CLIP_OUT = ("MODEL", "MODEL"), ("CLIP", "CLIP")
@@ -145,14 +145,14 @@ def minimal() -> dict:
                      size=(400, 90), title="Negative prompt")
     latent = g.add("EmptyLatentImage", [SIZE, SIZE, 1], outputs=[("LATENT", "LATENT")], pos=(0, 870), size=(400, 110))
     g.group("5. Before / after: what to try", [prompt, negative, latent], EDIT_COLOR)
-    before = sample(g, ckpt, ckpt, ckpt, prompt, negative, latent, (0, 1090), "before")
-    after = sample(g, merge, merge, ckpt, prompt, negative, latent, (960, 1090), "after")
-    both = stitch(g, before[-1], after[-1], "right", (1920, 1090), "before | after")
+    before = sample(g, ckpt, ckpt, ckpt, prompt, negative, latent, (0, 1170), "before")
+    after = sample(g, merge, merge, ckpt, prompt, negative, latent, (960, 1170), "after")
+    both = stitch(g, before[-1], after[-1], "right", (1920, 1170), "before | after")
     preview = g.add("PreviewImage", [], [("images", "IMAGE", (both, 0))], pos=(1560, 280), size=(420, 420),
                     title="Before (base) | after (merged)")
     g.group("4. Results", [save, preview])
     g.group("Before / after: the same prompt on the base model and on the merged one", [*before, *after, both])
-    return g.workflow(scale=0.65)
+    return g.workflow(scale=0.6)
 
 
 def compare() -> dict:

@@ -135,12 +135,28 @@ def tiny(workflow: dict, loras, *, iterations=1, steps=1) -> dict:
 MINIMAL = REPO / "example_workflows" / "IterIS - merge two LoRAs.json"
 STATE_JS = """() => { const n = app.graph._nodes.find((n) => n.type === 'IterIS_Merge');
   const s = app.graph._nodes.find((n) => n.type === 'IterIS_SaveLora');
+  const group = app.graph._groups.find((g) => g.title === '3. Merge');
   return { state: n.iterisState ?? null, report: n.iterisReport.value, saved: s.iterisReport.value,
-           size: [...n.size], min: [...n.computeSize()] }; }"""
+           size: [...n.size], min: [...n.computeSize()], merge_box: [...n.pos, ...n.size],
+           group: group ? [...group.pos, ...group.size] : null }; }"""
+
+
+def inside(box, frame) -> bool:
+    (x, y, w, h), (fx, fy, fw, fh) = box, frame
+    return fx <= x and fy <= y and x + w <= fx + fw and y + h <= fy + fh
+
+
+# the Merge node at its size without a report, its group tight around it: the report must grow both
+SHRINK_JS = """() => { const n = app.graph._nodes.find((n) => n.type === 'IterIS_Merge');
+  n.setSize([n.size[0], n.computeSize()[1]]);
+  const g = app.graph._groups.find((g) => g.title === '3. Merge');
+  g.size = [n.pos[0] + n.size[0] + 20 - g.pos[0], n.pos[1] + n.size[1] + 20 - g.pos[1]]; }"""
 
 
 def test_merge_shows_progress_chart_and_report(page, comfy_server, comfy_lora_pair):
     load(page, tiny(json.loads(MINIMAL.read_text()), comfy_lora_pair))
+    page.evaluate(SHRINK_JS)
+    shrunk = page.evaluate(STATE_JS)
     started = time.monotonic()
     page.evaluate("() => app.queuePrompt(0, 1)")
     page.wait_for_function("() => app.graph._nodes.find((n) => n.type === 'IterIS_Merge').iterisState?.status === 'running'",
@@ -156,11 +172,12 @@ def test_merge_shows_progress_chart_and_report(page, comfy_server, comfy_lora_pa
     state = out["state"]
     assert state["status"] == "done" and state["concepts"] == list(comfy_lora_pair)
     assert len(state["history"]) == 2 and state["chosen"] in (0, 1)
-    assert "iteration 1" in out["report"] and "<- kept" in out["report"] and comfy_lora_pair[0] in out["report"]
+    assert f"iteration {state['chosen']} kept" in out["report"] and all(n in out["report"] for n in comfy_lora_pair)
     saved = comfy_server.models_dir / "loras" / "browser_merge.safetensors"
     assert out["saved"].startswith("saved browser_merge.safetensors") and str(saved.resolve()) in out["saved"]
     assert saved.is_file()
-    assert out["size"][1] >= out["min"][1]  # the node grew to show its report
+    assert out["size"][1] >= out["min"][1] and out["size"][1] > shrunk["size"][1]  # the node grew to show its report
+    assert inside(out["merge_box"], out["group"]) and not inside(out["merge_box"], shrunk["group"])  # and its group with it
     print(f"browser merge: {seconds:.0f} s")
 
 

@@ -208,8 +208,22 @@ function textWidget(node, name) {
 function showText(node, widget, text) {
   widget.value = text;
   const min = node.computeSize();
+  const before = [...node.pos, ...node.size];
   node.setSize([Math.max(node.size[0], min[0]), Math.max(node.size[1], min[1])]);
+  growGroups(before, node);
   node.setDirtyCanvas(true, true);
+}
+
+// Each group that held the node before it grew grows with it, keeping its margins, so the
+// node stays inside its frame.
+function growGroups([x, y, w, h], node) {
+  for (const group of app.graph?._groups ?? []) {
+    const [gx, gy] = group.pos;
+    const [gw, gh] = group.size;
+    if (x < gx || y < gy || x + w > gx + gw || y + h > gy + gh) continue;
+    group.size = [Math.max(gw, node.pos[0] + node.size[0] + (gx + gw - x - w) - gx),
+                  Math.max(gh, node.pos[1] + node.size[1] + (gy + gh - y - h) - gy)];
+  }
 }
 
 function mergeNodes() {
