@@ -155,6 +155,8 @@ class ComfyBackend:
         unet = [m for m in modules if m in self.unet_keys]
         pictures = picture_folds(len(traj.prompts))  # one picture per prompt
         folding = FoldingSink(sink)
+        phase, total = f"capture concept {concept + 1}", len(traj.prompts) * min(len(traj.calls[0]), self.settings.timesteps)
+        progress(phase, 0, total)  # the phase shows before its first (slow) call ends
         for p, prompt in enumerate(traj.prompts):
             folding.now = None if pictures is None else pictures[p]
             conds = self._encode_paired(prompt, reference, merged, te, folding)
@@ -166,7 +168,7 @@ class ComfyBackend:
                     if pictures is None:  # a single picture: its calls alternate between the folds
                         folding.now = k % 2
                     _replay(self.model.model, call, conds)
-                    progress(f"capture concept {concept + 1}", p * len(calls) + k + 1, len(traj.prompts) * len(calls))
+                    progress(phase, p * len(calls) + k + 1, total)
 
     # ----- calibration data
     def trajectory(self, concept: int, reference: Deltas, progress: ProgressFn = no_progress) -> _Trajectory:

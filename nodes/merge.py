@@ -18,6 +18,7 @@ from ..iteris_sd.merge.methods import METHODS
 from ..iteris_sd.merge.options import MergeOptions
 from ..iteris_sd.merge.ridge import AUTO
 from ..iteris_sd.merge.solve import RIDGE_TARGETS
+from ..iteris_sd.progress import MergeTimeEstimate
 from .chart import convergence_image
 from .comfy_backend import ComfyBackend, ComfyCalibration
 from .lora_model import MergedLora, MergeExtras, merged_lora, named_layers
@@ -95,7 +96,9 @@ class MergeNode(io.ComfyNode):
         options = MergeOptions(iterations=iterations, damping=damping, regularization=regularization, rank=rank or None,
                                seed=calibration_seed, memory_budget=memory_budget.strip() or MergeOptions.memory_budget,
                                ridge_target=ridge_target)
-        progress = NodeProgress(cls.hidden.unique_id, [e.name for e in loras])
+        estimate = MergeTimeEstimate(sum(len(e.prompts) for e in loras), steps, timesteps,
+                                     iterations if method == "iteris" else 0)
+        progress = NodeProgress(cls.hidden.unique_id, [e.name for e in loras], estimate)
         try:
             report = merge_loras(backend, files, [method], options, progress)
         finally:
@@ -176,11 +179,13 @@ def node_summary(report: MergeReport) -> str:
 class NodeProgress:
     """The core's progress callback for a node: ProgressBar, live messages for the front end
     (event "iteris.progress", sent only to the browser that queued the prompt and tagged with
-    its prompt id), and ComfyUI's interrupt check, so Cancel stops the merge."""
+    its prompt id) with the estimated total time, and ComfyUI's interrupt check, so Cancel
+    stops the merge."""
 
-    def __init__(self, node_id, concepts: list[str]):
+    def __init__(self, node_id, concepts: list[str], estimate: MergeTimeEstimate):
         self.node_id = node_id
         self.concepts = concepts
+        self.estimate = estimate
         self.bar = comfy.utils.ProgressBar(1, node_id=node_id)
         self.history: list[list[float]] = []
         context = comfy_execution.utils.get_executing_context()
@@ -190,6 +195,7 @@ class NodeProgress:
     def __call__(self, phase: str, done: int, total: int, detail: dict | None = None) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
         self.bar.update_absolute(done, total)
+        self.estimate.update(phase, done)
         if detail and "errors" in detail:
             self.history.append([float(e) for e in detail["errors"]])
         self._send({"phase": phase, "done": done, "total": total, "history": self.history})
@@ -205,5 +211,5 @@ class NodeProgress:
             return
         server = PromptServer.instance
         if server is not None:
-            server.send_sync("iteris.progress", {"node": self.node_id, "prompt_id": self.prompt_id,
-                                                 "concepts": self.concepts, **data}, server.client_id)
+            server.send_sync("iteris.progress", {"node": self.node_id, "prompt_id": self.prompt_id, "concepts": self.concepts,
+                                                 "estimate": self.estimate.total_seconds(), **data}, server.client_id)

@@ -171,6 +171,7 @@ def test_merge_shows_progress_chart_and_report(page, comfy_server, comfy_lora_pa
     out = page.evaluate(STATE_JS)
     state = out["state"]
     assert state["status"] == "done" and state["concepts"] == list(comfy_lora_pair)
+    assert 0 < state["estimate"] < 10 * seconds  # the whole merge's time, estimated from its timed calls
     assert len(state["history"]) == 2 and state["chosen"] in (0, 1)
     assert f"iteration {state['chosen']} kept" in out["report"] and all(n in out["report"] for n in comfy_lora_pair)
     saved = comfy_server.models_dir / "loras" / "browser_merge.safetensors"

@@ -74,11 +74,12 @@ def test_merge_save_and_load_with_core_lora_loader(comfy_server, comfy_lora_pair
     entry = comfy_server.run(g, timeout=900)
     assert loader_warnings(comfy_server.log_text(since=mark)) == []
     report = entry["outputs"]["merge"]["text"][0]
-    assert "iteration 1" in report
+    assert report.startswith("iteris: error per LoRA") and "kept" in report.splitlines()[0]
     # each LoRA's calibration error (0 = the merge acts exactly like that LoRA alone on its
-    # prompts, 1 = as if it were absent): the merged LoRA does what each input did
-    (row,) = [line.split() for line in report.splitlines() if line.startswith("iteris")]
-    errors = [float(e) for e in row[2:4]]
+    # prompts, 1 = as if it were absent), a line each: the merged LoRA does what each input did
+    rows = {line.split()[0]: line.split()[1] for line in report.splitlines()[1:3]}
+    assert list(rows) == list(comfy_lora_pair), report
+    errors = [float(e) for e in rows.values()]
     assert all(0 <= e < 0.9 for e in errors), report
     assert len(comfy_server.output_files(entry)) == 1
     saved = loras_dir / "merged_11.safetensors"

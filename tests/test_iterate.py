@@ -437,3 +437,18 @@ def test_automatic_ridge_through_merge_options_reports_its_choices():
     fixed = merge_loras(backend, lora_files(concept_deltas(backend)), ["iteris"],
                         MergeOptions(iterations=1, regularization=0.1, ridge_target="sum", memory_budget=None))
     assert not fixed.ridges and fixed.ridge_summary() is None
+
+
+def test_every_layer_reports_progress_in_every_pass_the_last_one_included():
+    """Each iterate's solves report per layer; the last iterate solves nothing and reports its
+    measurement per layer instead, so no long pass is silent."""
+    backend = ChainBackend()
+    cds = concept_deltas(backend, seed=BEST_DELTAS)
+    cal = CalibrationStats(backend, cds)
+    cal.capture_references(backend, lambda *a: None)
+    calls = []
+    run_iteris(backend, cal, IterISConfig(iterations=2), lambda phase, done, total, detail=None: calls.append((phase, done, total)))
+    layers = len(cal.layers)
+    per_layer = [(phase, done) for phase, done, total in calls if phase in ("solve", "measure")]
+    assert all(total == layers for phase, _, total in calls if phase in ("solve", "measure"))
+    assert per_layer == [("solve", k) for k in range(1, layers + 1)] * 3 + [("measure", k) for k in range(1, layers + 1)]

@@ -54,7 +54,9 @@ function statusLines(state, now) {
   const quiet = (now - state.updated) / 1000;
   return [
     [`${state.phase === "start" ? "starting" : state.phase}: ${state.done}/${state.total} (${pct}%) · ${fmtTime(inPhase)} in this step${eta}`, "#ddd"],
-    [`running for ${fmtTime((now - state.started) / 1000)}` + (quiet > 5 ? ` · last update ${fmtTime(quiet)} ago` : ""), "#aaa"],
+    [`running for ${fmtTime((now - state.started) / 1000)}` +
+      (state.estimate ? ` of about ${fmtTime(state.estimate)} in all` : " · estimating the total time") +
+      (quiet > 5 ? ` · last update ${fmtTime(quiet)} ago` : ""), "#aaa"],
   ];
 }
 
@@ -241,6 +243,7 @@ function onProgress({ detail }) {
   Object.assign(state, {
     phase: detail.phase, done: detail.done, total: detail.total, concepts: detail.concepts,
     history: detail.history, updated: now, status: detail.phase === "done" ? "done" : "running",
+    estimate: detail.estimate ?? null,
   });
   if (detail.phase === "done") Object.assign(state, { chosen: detail.chosen, seconds: detail.seconds });
   if (detail.phase === "start") node.iterisReport.value = "";

@@ -131,6 +131,9 @@ def run_iteris(backend: Backend, cal: CalibrationStats, config: IterISConfig, pr
                 r, q = _layer_residuals(p, current, cal.solve_device)
                 cal.timings.solve += time.perf_counter() - t0
                 out[m] = (r, q, None if last else solve(p))
+                if last:  # no solve to report: report the measurement, layer by layer
+                    solved[0] += 1
+                    progress("measure", solved[0], len(cal.layers))
             return out
 
         results = run_chunks(cal, step, progress)
