@@ -123,25 +123,39 @@ class ComfyBackend:
                 f"{lora.path}: {len(unloaded)} of {len(sd)} keys match no module of this "
                 f"{self.base_model_version} model (e.g. {', '.join(sorted(unloaded)[:3])}); "
                 "is the LoRA made for another model family?")
+        blocks: dict[str, list[tuple[Tensor, Tensor]]] = {}
         dense: dict[str, Tensor] = {}
         layers: dict[str, LoraLayer] = {}
         for key, patch in patches.items():
             weight_key = key if isinstance(key, str) else key[0]
             if self.clip is None and weight_key not in self.unet_keys:
                 raise KeyMismatchError(f"{lora.path}: has text-encoder keys ({weight_key}) but no CLIP was given")
-            plain = _plain_lora(patch) if isinstance(key, str) else None
-            if plain is not None and weight_key not in layers and weight_key not in dense:
+            plain = _plain_lora(patch)
+            if plain is not None and isinstance(key, str):
                 up, down, alpha, mid = plain
                 layers[weight_key] = LoraLayer(weight_key, up=up, down=down, mid=mid, alpha=alpha, strength=lora.strength)
                 continue
-            # everything else (LoHa, LoKr, DoRA, OFT, diff, fused-qkv slices): its exact
-            # dense change, computed by ComfyUI's own calculate_weight
+            block = _slice_block(plain, key, self.target(weight_key).shape[0], lora.strength)
+            if block is not None:  # a plain LoRA on rows of a fused weight (Flux's qkv, linear1)
+                blocks.setdefault(weight_key, []).append(block)
+                continue
+            # everything else (LoHa, LoKr, DoRA, OFT, diff, other slices): its exact dense
+            # change, computed by ComfyUI's own calculate_weight
             w0 = self._base_weight(weight_key)
             offset, function = (None, None) if isinstance(key, str) else (key[1], key[2] if len(key) > 2 else None)
             patched = comfy.lora.calculate_weight([(lora.strength, patch, 1.0, offset, function)], w0.clone(), weight_key)
             dense[weight_key] = dense.get(weight_key, 0) + (patched.float() - w0)
+        for weight_key, parts in blocks.items():
+            whole = layers.pop(weight_key, None)  # a plain LoRA on the whole weight too
+            if whole is not None and whole.mid is None and whole.up.dim() == 2:
+                parts.append(whole.factors())
+            elif whole is not None:
+                dense[weight_key] = dense.get(weight_key, 0) + whole.dense_delta()
+            # the slices side by side: rank sum(r_i), up zero outside each slice's rows; exact
+            layers[weight_key] = LoraLayer(weight_key, up=torch.cat([B for B, _ in parts], 1),
+                                           down=torch.cat([A for _, A in parts]))
         for weight_key, d in dense.items():
-            if weight_key in layers:  # a plain LoRA and a slice patch on one weight: sum them
+            if weight_key in layers:  # low-rank and dense patches on one weight: sum them
                 d = d + layers.pop(weight_key).dense_delta().reshape(d.shape)
             layers[weight_key] = LoraLayer(weight_key, dense=d)
         for weight_key, layer in layers.items():
@@ -316,6 +330,21 @@ def _plain_lora(patch) -> tuple[Tensor, Tensor, float | None, Tensor | None] | N
     if dora_scale is not None or reshape is not None:
         return None
     return up, down, alpha, mid
+
+
+def _slice_block(plain, key, d_out: int, strength: float) -> tuple[Tensor, Tensor] | None:
+    """Factors (B (d_out, r), A (r, d_in)) of a plain linear LoRA patched onto rows
+    [start, start + length) of a fused weight, keyed ``(weight_key, (0, start, length))``:
+    B is the LoRA's up, scaled by strength * alpha / r, in those rows and zero elsewhere."""
+    if plain is None or isinstance(key, str) or len(key) > 2 and key[2] is not None:
+        return None
+    (dim, start, length), (up, down, alpha, mid) = key[1], plain
+    if dim != 0 or mid is not None or up.dim() != 2 or down.dim() != 2 or up.shape[0] != length:
+        return None
+    r = down.shape[0]
+    B = torch.zeros(d_out, r)
+    B[start:start + length] = up.float() * (strength * (1.0 if alpha is None else alpha / r))
+    return B, down.float()
 
 
 def _check_finite(path: str, key: str, layer: LoraLayer) -> None:
