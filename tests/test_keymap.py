@@ -425,6 +425,14 @@ def test_detect_family(config, family):
     assert detect_family(config) == family
 
 
+def test_detect_family_names_a_model_it_cannot_merge():
+    flux = {"_class_name": "FluxTransformer2DModel", "joint_attention_dim": 4096}
+    with pytest.raises(ValueError, match=r"^FluxTransformer2DModel has no cross_attention_dim: it is not an SD1.x, SD2.x or SDXL UNet"):
+        detect_family(flux)
+    with pytest.raises(ValueError, match=r"^this model has no cross_attention_dim"):
+        detect_family({"joint_attention_dim": 4096})
+
+
 def test_detect_family_on_model_configs(sd1_unet, sdxl_unet):
     assert detect_family(sd1_unet.config) == "sd1"
     assert detect_family(sdxl_unet.config) == "sdxl"

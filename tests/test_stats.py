@@ -137,3 +137,12 @@ def test_lazy_statistics_allocate_in_their_dtype_when_rows_arrive():
     assert s.gram.dtype == torch.float32 and not s.gram.is_inference()
     s.add_pair(torch.ones(2, 3), torch.zeros(2, 3), reference=True)  # in place, outside inference mode
     assert float(s.gram[0, 0]) == 4.0 and float(s.cross.abs().sum()) == 0.0 and s.rows == 4
+
+
+def test_conv_geometry_takes_linear_and_plain_conv2d_and_names_any_other_conv():
+    assert ConvGeometry.of(torch.nn.Linear(4, 3)) is None
+    assert ConvGeometry.of(torch.nn.Conv2d(4, 3, 3, padding=1)) == ConvGeometry((3, 3), (1, 1), (1, 1))
+    for module, kind in ((torch.nn.Conv1d(4, 3, 3), "Conv1d"), (torch.nn.Conv3d(4, 4, 1), "Conv3d"),
+                         (torch.nn.Conv2d(4, 4, 3, groups=2), "Conv2d with groups=2")):
+        with pytest.raises(ValueError, match=rf"^layer blocks\.0\.conv is a {kind}: the merge handles Linear and ungrouped Conv2d"):
+            ConvGeometry.of(module, "blocks.0.conv")

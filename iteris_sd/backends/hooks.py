@@ -33,7 +33,7 @@ def hooked(modules: Mapping[str, nn.Module], chunks: list[Deltas], capture: Coll
     handles = []
     try:
         for m in capture.union(*[c.keys() for c in chunks]):
-            hook = _hook(m, chunks, capture, sink, ConvGeometry.of(modules[m]))
+            hook = _hook(m, chunks, capture, sink, ConvGeometry.of(modules[m], m))
             handles.append(modules[m].register_forward_hook(hook))
         yield
     finally:

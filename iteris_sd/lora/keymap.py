@@ -177,13 +177,19 @@ def unet_layout(unet: nn.Module) -> tuple[list[int], list[bool]]:
 
 
 def detect_family(unet_config: Any) -> str:
-    """"sdxl", "sd2" or "sd1" from a diffusers UNet config (dict or config object)."""
+    """"sdxl", "sd2" or "sd1" from a diffusers UNet config (dict or config object); a
+    ValueError for a model that is no cross-attention UNet (a DiT such as SD3 or Flux), not a
+    silent "sd1"."""
     addition = _config_value(unet_config, "addition_embed_type")
     if addition == "text_time":
         return "sdxl"
     cross = _config_value(unet_config, "cross_attention_dim")
     if isinstance(cross, (list, tuple)):
         cross = cross[0] if cross else None
+    if cross is None:
+        kind = _config_value(unet_config, "_class_name") or "this model"
+        raise ValueError(f"{kind} has no cross_attention_dim: it is not an SD1.x, SD2.x or SDXL UNet, the models the "
+                         "diffusers backend merges; merge other families with the ComfyUI nodes")
     return "sd2" if cross == 1024 else "sd1"
 
 

@@ -24,11 +24,16 @@ class ConvGeometry:
     dilation: tuple[int, int] = (1, 1)
 
     @classmethod
-    def of(cls, module: nn.Module) -> ConvGeometry | None:
-        """A Conv2d's geometry; None for any other layer (a linear one)."""
-        if not isinstance(module, nn.Conv2d):
-            return None
-        return cls(tuple(module.kernel_size), tuple(module.stride), tuple(module.padding), tuple(module.dilation))
+    def of(cls, module: nn.Module, name: str = "") -> ConvGeometry | None:
+        """A Conv2d's geometry; None for a linear layer. Any other convolution (Conv1d, Conv3d,
+        a grouped Conv2d) is a ValueError naming ``name``: its input does not unfold this way."""
+        if isinstance(module, nn.Conv2d) and module.groups == 1:
+            return cls(tuple(module.kernel_size), tuple(module.stride), tuple(module.padding), tuple(module.dilation))
+        if isinstance(module, nn.modules.conv._ConvNd):
+            groups = f" with groups={module.groups}" if module.groups > 1 else ""
+            raise ValueError(f"layer {name or type(module).__name__} is a {type(module).__name__}{groups}: the merge "
+                             "handles Linear and ungrouped Conv2d layers; remove this layer's keys from the LoRA")
+        return None
 
 
 def layer_rows(x: Tensor, conv: ConvGeometry | None) -> Tensor:
