@@ -33,7 +33,8 @@ REQUIRED: Any = _Required()
 def setting(help: str, default: Any = REQUIRED, **checks: Any) -> Any:
     """A dataclass field with its help text and declarative checks (ge, gt, le,
     multiple_of, choices, pattern + expected, min_items, nonblank, item_choices, unique;
-    words: the strings a number field also takes, e.g. ("auto",))."""
+    words: the strings a number field also takes, e.g. ("auto",); unset: the value, e.g. 0,
+    that means "ask the model", which the other checks let through)."""
     meta = {"help": help, **checks}
     if default is REQUIRED:
         return field(metadata=meta)
@@ -67,7 +68,7 @@ def show(value: Any) -> str:
 def check_setting(value: Any, meta: dict, label: str) -> None:
     """Apply a field's declarative checks to ``value`` (None passes: optionality is the
     type's business); the SettingError names ``label``."""
-    if value is None:
+    if value is None or ("unset" in meta and value == meta["unset"]):
         return
     if isinstance(value, str) and "words" in meta:  # a number field that also takes a few words
         if value not in meta["words"]:
@@ -78,7 +79,8 @@ def check_setting(value: Any, meta: dict, label: str) -> None:
     if "pattern" in meta and not meta["pattern"].fullmatch(value):
         raise SettingError(f"{label}: expected {meta['expected']}; got {show(value)}")
     if "ge" in meta and value < meta["ge"]:
-        raise SettingError(f"{label}: must be >= {meta['ge']}, got {show(value)}")
+        unset = f" (or {meta['unset']})" if "unset" in meta else ""
+        raise SettingError(f"{label}: must be >= {meta['ge']}{unset}, got {show(value)}")
     if "gt" in meta and value <= meta["gt"]:
         interval = f"in ({meta['gt']}, {meta['le']}]" if "le" in meta else f"> {meta['gt']}"
         raise SettingError(f"{label}: must be {interval}, got {show(value)}")

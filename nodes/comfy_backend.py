@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import comfy.lora
 import comfy.lora_convert
@@ -38,6 +38,7 @@ from ..iteris_sd.merge.backend import Deltas, InputSink, Target
 from ..iteris_sd.merge.layers import ConvGeometry
 from ..iteris_sd.progress import ProgressFn, no_progress
 from ..iteris_sd.seeds import fold_seed
+from .families import base_model_version, native_resolution
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class ComfyCalibration:
     scheduler: str = "normal"
     steps: int = CalibrationSettings.steps
     timesteps: int = CalibrationSettings.timesteps  # model calls captured per prompt, spread over the trajectory
-    resolution: int = CalibrationSettings.resolution
+    resolution: int = CalibrationSettings.resolution  # 0: the model's native size (native_resolution)
     cfg: float = CalibrationSettings.cfg
     negative_prompt: str = CalibrationSettings.negative_prompt
     seed: int = 0
@@ -78,7 +79,7 @@ class ComfyBackend:
         self.model = model.clone()
         self.clip = clip.clone() if clip is not None else None
         self.concepts = concepts
-        self.settings = settings
+        self.settings = settings if settings.resolution else replace(settings, resolution=native_resolution(self.model.model))
         self.key_map = comfy.lora.model_lora_keys_unet(self.model.model, {})
         self.unet_keys = set(self.key_map.values())
         if self.clip is not None:
@@ -91,8 +92,7 @@ class ComfyBackend:
     # ----- the Backend protocol
     @property
     def base_model_version(self) -> str:
-        name = type(self.model.model).__name__
-        return {"BaseModel": "sd_v1", "SDXL": "sdxl_base_v1-0", "SD3": "sd3", "Flux": "flux1"}.get(name, name.lower())
+        return base_model_version(self.model.model)
 
     def output_name(self, module_id: str) -> str:
         return self._names[module_id]
@@ -108,7 +108,7 @@ class ComfyBackend:
         if module_id not in self._targets:
             w = self._base_weight(module_id)
             module = self.module(module_id)
-            self._targets[module_id] = Target(w.reshape(w.shape[0], -1), tuple(w.shape), ConvGeometry.of(module))
+            self._targets[module_id] = Target(w.reshape(w.shape[0], -1), tuple(w.shape), ConvGeometry.of(module, module_id))
         return self._targets[module_id]
 
     def match(self, lora: LoraFile) -> dict[str, LoraLayer]:
@@ -200,8 +200,8 @@ class ComfyBackend:
             negative = self._conditioning(s.negative_prompt, reference)
             model = self.model.clone()
             model.set_model_unet_function_wrapper(_recorder(calls, self.model.model_options.get("model_function_wrapper")))
-            latent = torch.zeros([1, 4, s.resolution // 8, s.resolution // 8])
-            latent = comfy.sample.fix_empty_latent_channels(model, latent)
+            channels = model.get_model_object("latent_format").latent_channels  # 4 SD1/SDXL, 16 SD3/Flux
+            latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros([1, channels, s.resolution // 8, s.resolution // 8]))
             seed = fold_seed(s.seed + 1009 * concept + p)
             noise = comfy.sample.prepare_noise(latent, seed)
             phase = f"trajectory concept {concept + 1}"

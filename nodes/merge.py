@@ -50,8 +50,9 @@ class MergeNode(io.ComfyNode):
                 io.Int.Input("steps", default=ComfyCalibration.steps, min=1, max=100, tooltip="Steps of each calibration trajectory."),
                 io.Int.Input("timesteps", default=ComfyCalibration.timesteps, min=1, max=100,
                              tooltip="Model calls captured per prompt, spread over the trajectory."),
-                io.Int.Input("resolution", default=ComfyCalibration.resolution, min=64, max=2048, step=64,
-                             tooltip="Image size of the calibration trajectories (use the size the LoRAs were trained at)."),
+                io.Int.Input("resolution", default=ComfyCalibration.resolution, min=0, max=2048, step=64,
+                             tooltip="Image size of the calibration trajectories (the size the LoRAs were trained at); "
+                                     "0: the model's native size (SD1.5 512, SD2 768, SDXL, SD3 and Flux 1024)."),
                 io.Float.Input("cfg", default=ComfyCalibration.cfg, min=0.0, max=30.0, step=0.5, tooltip="CFG scale of the calibration trajectories."),
                 io.Int.Input("calibration_seed", default=ComfyCalibration.seed, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seed of the calibration noise; the same inputs and seed give the same merge."),
@@ -106,7 +107,7 @@ class MergeNode(io.ComfyNode):
         layers = kohya_layers(backend, report.results[method].deltas)
         recipe = {"method": method, "iterations": iterations, "damping": damping, "regularization": regularization,
                   "ridge_target": ridge_target,
-                  "rank": rank, "calibration": settings.__dict__, "prompts": {e.name: list(e.prompts) for e in loras},
+                  "rank": rank, "calibration": backend.settings.__dict__, "prompts": {e.name: list(e.prompts) for e in loras},
                   "calibration_error": dict(zip(report.concepts, report.results[method].calibration)),
                   "chosen_iteration": report.chosen_iteration}
         if report.ridges:
@@ -116,8 +117,8 @@ class MergeNode(io.ComfyNode):
         progress.send_done(report)
         # on the node a short per-LoRA table (the chart beside it has the iterations); the whole
         # report, memory plan included, on the report output
-        return io.NodeOutput(model_out, clip_out, lora, report_text(report), convergence_image(report),
-                             ui=ui.PreviewText(node_summary(report)))
+        return io.NodeOutput(model_out, clip_out, lora, report_text(report, backend.settings), convergence_image(report),
+                             ui=ui.PreviewText(node_summary(report, backend.settings)))
 
 
 def _number_or_auto(text, name: str) -> float | str:
@@ -148,7 +149,11 @@ def _state_dict(layers: dict) -> dict:
     return out
 
 
-def report_text(report: MergeReport) -> str:
+def _calibration_line(report: MergeReport, c: ComfyCalibration) -> str:
+    return f"calibrated at {c.resolution} px, {c.steps} steps, cfg {c.cfg:g}; merged in {report.seconds:.1f} s"
+
+
+def report_text(report: MergeReport, calibration: ComfyCalibration) -> str:
     lines = [report.table()]
     if report.ridges:
         lines.append(report.ridge_summary())
@@ -158,13 +163,13 @@ def report_text(report: MergeReport) -> str:
         mark = "  <- kept" if rec.iteration == report.chosen_iteration else ""
         errors = "  ".join(f"{c} {e:.4f}" for c, e in zip(report.concepts, rec.errors))
         lines.append(f"iteration {rec.iteration}: {errors}{mark}")
-    lines.append(f"merged in {report.seconds:.1f} s")
+    lines.append(_calibration_line(report, calibration))
     return "\n".join(lines)
 
 
-def node_summary(report: MergeReport) -> str:
+def node_summary(report: MergeReport, calibration: ComfyCalibration) -> str:
     """What the node shows below its chart: each LoRA's calibration error, one line each, so the
-    text is as tall for 5 iterations as for 1 and fits a narrow node."""
+    text is as tall for 5 iterations as for 1 and fits a narrow node, and the calibration used."""
     errors = report.results[report.method].calibration
     kept = f", iteration {report.chosen_iteration} kept" if report.history else ""
     width = max(len(c) for c in report.concepts)
@@ -172,7 +177,7 @@ def node_summary(report: MergeReport) -> str:
     lines += [f"  {c.ljust(width)}  {e:.4f}" for c, e in zip(report.concepts, errors)]
     if report.ridges:
         lines.append(report.ridge_summary())
-    lines.append(f"merged in {report.seconds:.1f} s")
+    lines.append(_calibration_line(report, calibration))
     return "\n".join(lines)
 
 

@@ -972,3 +972,20 @@ def test_same_inputs_give_the_same_bytes_across_processes(tmp_path, base, keymap
         assert done.returncode == 0, done.stderr.decode()
         outputs.append(out.rename(tmp_path / f"run{seed}.safetensors"))
     _assert_identical(*outputs)
+
+
+def test_an_unset_resolution_is_the_models_native_size(base):
+    """A recipe without calibration.resolution samples at the UNet's own size (the tiny model's
+    32 px), not 512 px (64 times the latent pixels, a merge of minutes instead of seconds)."""
+    from iteris_demo.tiny import RESOLUTION
+    from iteris_sd.backends.diffusers import native_resolution
+
+    unset = backend_for(base, [["a photo"]], CalibrationSettings(steps=2, timesteps=1))
+    assert unset.settings.resolution == RESOLUTION == unset.unet.config.sample_size * unset.vae_scale_factor
+    assert backend_for(base, [["a photo"]]).settings.resolution == 16  # a set one is kept
+
+    class NoSize:
+        config = {}
+
+    with pytest.raises(ValueError, match=r"^the UNet's config has no sample_size \(None\); set calibration.resolution"):
+        native_resolution(NoSize(), 8)

@@ -18,8 +18,9 @@ class CalibrationSettings:
     """The sampled trajectory per prompt and seed, and which of its steps are captured."""
 
     steps: int = setting("Sampling steps of each LoRA's calibration trajectory (>= 1).", 8, ge=1)
-    resolution: int = setting("Image size in pixels of the calibration samples (a multiple of 8, >= 16).",
-                              512, ge=16, multiple_of=8)
+    resolution: int = setting("Image size in pixels of the calibration samples (a multiple of 8, >= 16); "
+                              "0: the model's native size (its UNet's sample size times the VAE's scale).",
+                              0, ge=16, multiple_of=8, unset=0)
     cfg: float = setting("Classifier-free guidance scale of the calibration samples (>= 1.0).", 5.0, ge=1.0)
     sampler: str = setting("Sampler of the calibration trajectory: " + ", ".join(SAMPLERS) + ".", "ddim",
                            choices=SAMPLERS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Collection
 
@@ -53,9 +53,9 @@ class DiffusersBackend:
         self.tokenizers = tokenizers
         self.scheduler_config = dict(scheduler_config)
         self.concepts = concepts
-        self.settings = settings
-        self.seed = seed
         self.vae_scale_factor = vae_scale_factor
+        self.settings = settings if settings.resolution else replace(settings, resolution=native_resolution(unet, vae_scale_factor))
+        self.seed = seed
         self.family = detect_family(unet.config)
         components = {"unet": unet, "text_encoder": text_encoders[0]}
         if len(text_encoders) > 1:
@@ -77,7 +77,7 @@ class DiffusersBackend:
     def target(self, module_id: str) -> Target:
         module = self.keymap.modules[module_id]
         w = module.weight.detach()
-        return Target(w.float().cpu().reshape(w.shape[0], -1), tuple(w.shape), ConvGeometry.of(module))
+        return Target(w.float().cpu().reshape(w.shape[0], -1), tuple(w.shape), ConvGeometry.of(module, module_id))
 
     def capture(self, concept, reference, merged, modules, sink, progress=no_progress) -> None:
         traj = self.trajectory(concept, reference, progress)
@@ -230,6 +230,17 @@ class DiffusersBackend:
 
     def _hooked(self, chunks: list[Deltas], capture: Collection[str] = (), sink: InputSink | None = None):
         return hooked(self.keymap.modules, chunks, capture, sink)
+
+
+def native_resolution(unet: nn.Module, vae_scale_factor: int) -> int:
+    """The pixel size a diffusers UNet is trained at: its config's ``sample_size`` (latent
+    pixels, an int or (h, w)) times the VAE's scale factor; 512 for SD1.x, 1024 for SDXL."""
+    size = getattr(unet.config, "sample_size", None)
+    if isinstance(size, (list, tuple)):
+        size = max(size)
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"the UNet's config has no sample_size ({size!r}); set calibration.resolution in the recipe")
+    return size * vae_scale_factor
 
 
 _UNSET_LENGTH = 10**9  # a model_max_length this large means "not set" (transformers reports 1e30)

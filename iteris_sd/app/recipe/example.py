@@ -57,7 +57,7 @@ device = "auto"           # auto, cpu, cuda, cuda:N, mps
 
 [calibration]
 {_line("steps", v["cal_steps"], "sampling steps of each LoRA's calibration trajectory")}
-{_line("resolution", v["cal_resolution"], "pixels, a multiple of 8")}
+{_line("resolution", v["cal_resolution"], "pixels, a multiple of 8; 0: the model's native size")}
 {_line("cfg", v["cal_cfg"], "guidance scale (>= 1.0)")}
 {_line("sampler", v["cal_sampler"], ", ".join(SAMPLERS))}
 {_line("timesteps", v["cal_timesteps"], "steps captured out of `steps` (1 .. steps)")}
