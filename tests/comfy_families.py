@@ -28,7 +28,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from comfy_harness import COMFY_DIR, PYTHON, ComfyError, _tail, require_comfy
+from comfy_harness import COMFY_DIR, INIT_WEIGHTS, PYTHON, ComfyError, _tail, require_comfy
 
 HIDDEN = 3072
 MLP = 4 * HIDDEN
@@ -51,23 +51,7 @@ import safetensors.torch
 ops = comfy.ops.disable_weight_init
 torch.manual_seed(cfg["seed"])
 
-def init_weights(model):
-    done = set()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Embedding):
-            torch.nn.init.normal_(m.weight, std=0.02)
-            done.add(id(m.weight))
-        for base in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm, torch.nn.GroupNorm):
-            if isinstance(m, base) and m.weight is not None:
-                base.reset_parameters(m)
-                done.update(id(t) for t in m.parameters(recurse=False))
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:  # RMSNorm gains, embeddings
-        if id(t) not in done and t.is_floating_point():
-            if t.dim() == 1 and name.endswith(("scale", "weight")):
-                torch.nn.init.ones_(t)
-            else:
-                torch.nn.init.normal_(t, std=0.02)
-    return model
+""" + INIT_WEIGHTS + r"""
 
 def save(sd, path, dtype):
     tmp = path + ".tmp"

@@ -88,6 +88,33 @@ def require_comfy(comfy_dir: Path = COMFY_DIR) -> None:
 # --------------------------------------------------------------------------------------------
 # Checkpoint
 
+# Seeded initialisation of a model built from ComfyUI's layers (which skip their own), shared by
+# the build scripts here and in comfy_families: each layer's own reset, then what no layer owns
+# (RMSNorm gains: ones; embeddings and buffers such as SD3's pos_embed: normal, std 0.02).
+INIT_WEIGHTS = r"""
+def init_weights(model):
+    done = set()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding):
+            torch.nn.init.normal_(m.weight, std=0.02)
+        else:
+            for base in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Conv1d,
+                         torch.nn.GroupNorm, torch.nn.LayerNorm):
+                if isinstance(m, base):
+                    base.reset_parameters(m)
+                    break
+            else:
+                continue
+        done.update(id(p) for p in m.parameters(recurse=False))
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if id(t) not in done and t.is_floating_point():
+            if t.dim() == 1 and name.endswith(("scale", "weight")):
+                torch.nn.init.ones_(t)
+            else:
+                torch.nn.init.normal_(t, std=0.02)
+    return model
+"""
+
 _BUILD_SCRIPT = r"""
 import json, os, sys
 cfg = json.loads(sys.argv[1])
@@ -106,24 +133,7 @@ import safetensors.torch
 ops = comfy.ops.disable_weight_init  # ComfyUI's layers skip init: initialise them below, seeded
 torch.manual_seed(cfg["seed"])
 
-def init_weights(model):
-    done = set()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Embedding):
-            torch.nn.init.normal_(m.weight, std=0.02)
-        else:
-            for base in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Conv1d,
-                         torch.nn.GroupNorm, torch.nn.LayerNorm):
-                if isinstance(m, base):
-                    base.reset_parameters(m)
-                    break
-            else:
-                continue
-        done.update(id(p) for p in m.parameters(recurse=False))
-    for p in model.parameters():  # any parameter no layer above owns
-        if id(p) not in done:
-            torch.nn.init.normal_(p, std=0.02)
-    return model
+""" + INIT_WEIGHTS + r"""
 
 with torch.no_grad():
     unet = init_weights(UNetModel(
