@@ -200,8 +200,8 @@ class ComfyBackend:
             negative = self._conditioning(s.negative_prompt, reference)
             model = self.model.clone()
             model.set_model_unet_function_wrapper(_recorder(calls, self.model.model_options.get("model_function_wrapper")))
-            channels = model.get_model_object("latent_format").latent_channels  # 4 SD1/SDXL, 16 SD3/Flux
-            latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros([1, channels, s.resolution // 8, s.resolution // 8]))
+            latent = torch.zeros([1, 4, s.resolution // 8, s.resolution // 8])
+            latent = comfy.sample.fix_empty_latent_channels(model, latent)  # the model's channels: 16 for SD3 and Flux
             seed = fold_seed(s.seed + 1009 * concept + p)
             noise = comfy.sample.prepare_noise(latent, seed)
             phase = f"trajectory concept {concept + 1}"
@@ -335,16 +335,16 @@ def _plain_lora(patch) -> tuple[Tensor, Tensor, float | None, Tensor | None] | N
 def _slice_block(plain, key, d_out: int, strength: float) -> tuple[Tensor, Tensor] | None:
     """Factors (B (d_out, r), A (r, d_in)) of a plain linear LoRA patched onto rows
     [start, start + length) of a fused weight, keyed ``(weight_key, (0, start, length))``:
-    B is the LoRA's up, scaled by strength * alpha / r, in those rows and zero elsewhere."""
+    the LoRA's own factors, B zero outside those rows."""
     if plain is None or isinstance(key, str) or len(key) > 2 and key[2] is not None:
         return None
     (dim, start, length), (up, down, alpha, mid) = key[1], plain
     if dim != 0 or mid is not None or up.dim() != 2 or down.dim() != 2 or up.shape[0] != length:
         return None
-    r = down.shape[0]
-    B = torch.zeros(d_out, r)
-    B[start:start + length] = up.float() * (strength * (1.0 if alpha is None else alpha / r))
-    return B, down.float()
+    B_rows, A = LoraLayer(str(key[0]), up=up, down=down, alpha=alpha, strength=strength).factors()
+    B = torch.zeros(d_out, B_rows.shape[1])
+    B[start:start + length] = B_rows
+    return B, A
 
 
 def _check_finite(path: str, key: str, layer: LoraLayer) -> None:
