@@ -9,7 +9,10 @@ and scored for the targets that drew it, on the split's held-out prompts of the 
   if it were absent), averaged over the (target, draw) groups;
 - presence recovery (testbeds with a detector): (p_merged - p_base) / (p_alone - p_base) of
   the group-averaged presence of the target's concept; 1 = as the LoRA alone, 0 = the base;
-- leakage (with a detector): how often a distractor's concept shows on the target's prompts.
+- leakage (with a detector): how often a distractor's concept shows on the target's prompts;
+- base drift (base preservation): on prompts with no trigger word, the merged model's noise
+  distance from the base, sqrt(sum ||eps_merged - eps_base||^2 / mean_i sum ||eps_i - eps_base||^2)
+  over the merge's LoRAs i alone: 1 = it moves the base as much as one of its LoRAs alone.
 
 Every figure has a 90% stratified bootstrap interval over the pictures (prompt x seed) of
 each group; the first two rows are marked tied when their paired difference's interval holds 0.
@@ -58,6 +61,14 @@ PAPER = Row("iteris (paper: average, a = 1e-3)", "iteris", (("ridge_target", "av
 ROWS = (Row("iteris", "iteris"), PAPER, Row("regmean", "regmean"), Row("ssr", "ssr"), Row("stack", "stack"),
         Row("linear", "linear"), Row("ties", "ties"), Row("svd", "svd"))
 QUICK_ROWS = ROWS[:6]
+# The IterIS settings a default is chosen from, each spelled out (on the validation split only).
+CANDIDATES = (Row("iteris a = 0.1 toward the sum", "iteris", (("regularization", 0.1), ("ridge_target", "sum"))),
+              Row("iteris auto", "iteris", (("regularization", "auto"), ("ridge_target", "auto"))),
+              Row("iteris auto, one-shot", "iteris", (("regularization", "auto"), ("ridge_target", "auto"),
+                                                      ("iterations", 0))),
+              Row("iteris auto toward the sum", "iteris", (("regularization", "auto"), ("ridge_target", "sum"))),
+              PAPER, *ROWS[2:6])
+ROW_SETS = {"all": ROWS, "quick": QUICK_ROWS, "candidates": CANDIDATES}
 
 
 def merge_rows(backend: DiffusersBackend, loras, rows, progress: ProgressFn) -> tuple[dict, list, dict]:
@@ -77,9 +88,10 @@ def merge_rows(backend: DiffusersBackend, loras, rows, progress: ProgressFn) -> 
 
 
 def measure_set(bed: Testbed, backend: DiffusersBackend, lora_set: tuple[int, ...], targets: list[int],
-                split_name: str, rows, detector, progress: ProgressFn) -> list[dict]:
+                split_name: str, rows, detector, progress: ProgressFn) -> tuple[list[dict], dict]:
     """Merge one LoRA set and score it for each of its targets: per row the per-picture noise
-    distances, and with a detector per-picture presences of the target and the distractors."""
+    distances, and with a detector per-picture presences of the target and the distractors;
+    and once for the set, each row's and each LoRA alone's drift from the base on the neutral prompts."""
     loras = [read_lora(bed.loras[i]) for i in lora_set]
     merge_backend = backend_for(backend, [list(bed.calibration[i]) for i in lora_set], bed.settings)
     deltas, references, seconds = merge_rows(merge_backend, loras, rows, progress)
@@ -98,7 +110,11 @@ def measure_set(bed: Testbed, backend: DiffusersBackend, lora_set: tuple[int, ..
             group["leakage"] = {k: [float(any(concept_present(f, bed.concepts[j]) for j in lora_set if j != t)) for f in fs]
                                 for k, fs in found.items()}
         groups.append(group)
-    return groups
+    alone = {f"alone {bed.names[i]}": r for i, r in zip(lora_set, references)}
+    drift, _ = backend.noise_distances(list(bed.neutral[split_name]), seed + 2, {}, {**deltas, **alone}, progress)
+    neutral = {"loras": [bed.names[i] for i in lora_set], "drift": {k: drift[k].tolist() for k in deltas},
+               "alone": (sum(drift[k] for k in alone) / len(alone)).tolist()}
+    return groups, neutral
 
 
 def run_distractors(bed_name: str, split_name: str, ks=(2, 3, 4), draws: int = 3, seed: int = 0, rows=ROWS,
@@ -112,20 +128,27 @@ def run_distractors(bed_name: str, split_name: str, ks=(2, 3, 4), draws: int = 3
     for k in ks:
         t0 = time.perf_counter()
         merges = merges_of(distractor_draws(len(bed.loras), k, draws, seed))
-        groups = []
+        groups, neutral = [], []
         for lora_set, targets in merges.items():
-            groups += measure_set(bed, backend, lora_set, targets, split_name, rows, detector, progress)
-        out["k"][str(k)] = {"merges": len(merges), "seconds": time.perf_counter() - t0, "groups": groups}
+            scored, drift = measure_set(bed, backend, lora_set, targets, split_name, rows, detector, progress)
+            groups += scored
+            neutral.append(drift)
+        out["k"][str(k)] = {"merges": len(merges), "seconds": time.perf_counter() - t0, "groups": groups,
+                            "neutral": neutral}
     return out
 
 
 def summarize(result: dict) -> dict:
-    """Per K and row: noise recovery, and where measured presence recovery and leakage, each an
-    (value, low, high) estimate; and whether the first two rows by noise recovery are tied."""
+    """Per K and row: noise recovery, base drift, and where measured presence recovery and
+    leakage, each an `Estimate`; and whether the first two rows by noise recovery are tied."""
     summary = {}
     for k, data in result["k"].items():
-        groups = data["groups"]
+        groups, neutral = data["groups"], data["neutral"]
         sizes = [len(g["den"]) for g in groups]
+        neutral_sizes = [len(n["alone"]) for n in neutral]
+
+        def drift(label):
+            return lambda idx: sum(root_ratio(n["drift"][label], n["alone"], i) for n, i in zip(neutral, idx)) / len(neutral)
 
         def noise(label):
             return lambda idx: 1 - sum(root_ratio(g["noise"][label], g["den"], i) for g, i in zip(groups, idx)) / len(groups)
@@ -139,7 +162,7 @@ def summarize(result: dict) -> dict:
 
         rows = {}
         for label in result["rows"]:
-            row = {"noise": bootstrap(sizes, noise(label))}
+            row = {"noise": bootstrap(sizes, noise(label)), "drift": bootstrap(neutral_sizes, drift(label))}
             if "presence" in groups[0]:
                 row["presence"] = bootstrap(sizes, presence(label))
                 row["leakage"] = bootstrap(sizes, averaged("leakage", label))
@@ -161,13 +184,14 @@ def markdown(result: dict) -> str:
     out = []
     for k, s in summarize(result).items():
         detector = "presence" in next(iter(s["rows"].values()))
-        head = "| method | noise recovery | " + ("presence recovery | leakage | " if detector else "") + "merge s |"
+        head = ("| method | noise recovery | " + ("presence recovery | leakage | " if detector else "")
+                + "base drift | merge s |")
         lines = [f"K = {k}: {s['merges']} merges, {s['targets']} (target, draw) groups, {s['pictures']} pictures"
                  f"{'; first two tied' if s['first_two_tied'] else ''}", "", head,
                  "|---" * (head.count("|") - 1) + "|"]
         for label in s["order"]:
             r = s["rows"][label]
-            cells = [str(r["noise"])] + ([str(r["presence"]), str(r["leakage"])] if detector else [])
+            cells = [str(r["noise"])] + ([str(r["presence"]), str(r["leakage"])] if detector else []) + [str(r["drift"])]
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['seconds']:.1f} |")
         if s["leakage_references"]:
             refs = s["leakage_references"]
@@ -186,7 +210,7 @@ def write_distractors(result: dict, out_dir: str) -> str:
     return text
 
 
-if __name__ == "__main__":  # python -m iteris_demo.distractors --testbed tiny-sd1 --split test --quick
+if __name__ == "__main__":  # python -m iteris_demo.distractors --testbed tiny-sd1 --split test --rows quick
     import argparse
 
     import torch
@@ -198,10 +222,12 @@ if __name__ == "__main__":  # python -m iteris_demo.distractors --testbed tiny-s
     parser.add_argument("--split", choices=("validation", "test"), default="validation")
     parser.add_argument("--k", default="2,3,4", help="merge sizes K (default 2,3,4)")
     parser.add_argument("--draws", type=int, default=3, help="distractor draws per target (default 3)")
-    parser.add_argument("--quick", action="store_true", help=f"only the rows {', '.join(r.label for r in QUICK_ROWS)}")
+    parser.add_argument("--rows", choices=tuple(ROW_SETS), default="all",
+                        help="the methods: all, quick (" + ", ".join(r.label for r in QUICK_ROWS) + ") or candidates "
+                             "(the IterIS settings a default is chosen from, beside the baselines)")
     parser.add_argument("--out", default="out/distractors")
     args = parser.parse_args()
     torch.manual_seed(0)
     result = run_distractors(args.testbed, args.split, tuple(int(k) for k in args.k.split(",")), args.draws,
-                             rows=QUICK_ROWS if args.quick else ROWS)
+                             rows=ROW_SETS[args.rows])
     print(write_distractors(result, args.out))

@@ -4,7 +4,13 @@
   colour; ranks 4 to 8, with and without alpha, two with LoCon convs), read by the detector;
 - ``tiny-sd1``: the random-weight SD1-architecture test model (`iteris_demo.tiny`, 32/64-channel
   UNet, 2-layer CLIP) with four concept LoRAs trained on it (ranks 4 to 8, two with convs),
-  at its native 32 px and the recipe's default calibration otherwise; noise error only.
+  at its native 32 px and the recipe's default calibration otherwise; noise error only;
+- ``deep-sd1``: a second random-weight SD1-architecture model, wider and deeper (48/96/96
+  channels, 2 layers per block, a 3-layer 96-wide CLIP), with six LoRAs of ranks 4 to 32: two
+  subjects of one class, two competing styles, a UNet-only (without alpha), a text-encoder-only
+  one and one trained without prior preservation (it fires without its trigger word).
+
+Each testbed also has prompts with no trigger word per split, for the base-preservation protocol.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class Testbed:
     held_out: dict[str, tuple[tuple[str, ...], ...]]  # split -> per LoRA
     settings: CalibrationSettings  # of the merge's calibration
     evaluation: CalibrationSettings  # of the evaluation pictures
+    neutral: dict[str, tuple[str, ...]]  # split -> prompts with no trigger word
     detector: Path | None = None
     concepts: tuple[shapes.Concept, ...] = field(default=())  # what the detector reads, per LoRA
 
@@ -42,21 +49,40 @@ def shapes32(progress: ProgressFn = no_progress) -> Testbed:
     return Testbed("shapes32", assets.base, assets.loras, tuple(c.trigger for c in shapes.CONCEPTS),
                    tuple(map(tuple, problems["validation"].calibration)),
                    {s: tuple(map(tuple, p.held_out)) for s, p in problems.items()},
-                   bench.CALIBRATION, bench.EVALUATION, assets.detector, shapes.CONCEPTS)
+                   bench.CALIBRATION, bench.EVALUATION, neutral_scenes(), assets.detector, shapes.CONCEPTS)
+
+
+def neutral_scenes(n: int = 4) -> dict[str, tuple[str, ...]]:
+    """Captions of plain scenes (no concept applied), the test ones disjoint from validation's."""
+    validation = shapes.prompts((), n, SPLITS["validation"].prompt_seed + 100)
+    return {"validation": tuple(validation),
+            "test": tuple(shapes.prompts((), n, SPLITS["test"].prompt_seed + 100, tuple(validation)))}
+
+
+def tiny_testbed(name: str, model, progress: ProgressFn = no_progress) -> Testbed:
+    from iteris_demo import tiny
+
+    base, loras = tiny.ensure_tiny_assets(len(model.concepts), progress, model)
+    settings = CalibrationSettings(resolution=tiny.RESOLUTION)
+    return Testbed(name, base, tuple(loras), tuple(c.trigger for c in model.concepts),
+                   tuple(c.prompts for c in model.concepts),
+                   {"validation": tuple(c.held_out for c in model.concepts), "test": tuple(c.test for c in model.concepts)},
+                   settings, replace(settings, steps=12, seeds=2), tiny.NEUTRAL)
 
 
 def tiny_sd1(progress: ProgressFn = no_progress) -> Testbed:
     from iteris_demo import tiny
 
-    base, loras = tiny.ensure_tiny_assets(len(tiny.CONCEPTS), progress)
-    settings = CalibrationSettings(resolution=tiny.RESOLUTION)
-    return Testbed("tiny-sd1", base, tuple(loras), tuple(c.trigger for c in tiny.CONCEPTS),
-                   tuple(c.prompts for c in tiny.CONCEPTS),
-                   {"validation": tuple(c.held_out for c in tiny.CONCEPTS), "test": tuple(c.test for c in tiny.CONCEPTS)},
-                   settings, replace(settings, steps=12, seeds=2))
+    return tiny_testbed("tiny-sd1", tiny.TINY, progress)
 
 
-TESTBEDS = {"shapes32": shapes32, "tiny-sd1": tiny_sd1}
+def deep_sd1(progress: ProgressFn = no_progress) -> Testbed:
+    from iteris_demo import tiny
+
+    return tiny_testbed("deep-sd1", tiny.DEEP, progress)
+
+
+TESTBEDS = {"shapes32": shapes32, "tiny-sd1": tiny_sd1, "deep-sd1": deep_sd1}
 
 
 def testbed(name: str, progress: ProgressFn = no_progress) -> Testbed:

@@ -32,6 +32,20 @@ class TinyConcept:
     held_out: tuple[str, ...]  # the benchmark's validation prompts
     test: tuple[str, ...]  # the benchmark's test prompts
     convs: bool  # also train the resnet 3x3 convs (a LoCon-style LoRA)
+    parts: str = "both"  # "unet" or "text_encoder": a LoRA of one part only
+    prior_weight: float = 1.0  # 0: no prior preservation, so it fires without its trigger word
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A random-weight SD1-architecture model and its concept LoRAs, cached as ``version``."""
+
+    version: str
+    widths: tuple[int, ...]  # UNet block_out_channels; attention on every level but the last
+    layers_per_block: int
+    text_width: int
+    text_layers: int
+    concepts: tuple[TinyConcept, ...]
 
 
 CONCEPTS = (
@@ -50,6 +64,36 @@ CONCEPTS = (
 )
 PRIOR_PROMPTS = ("a photo of a dog", "a house", "a tree in the garden", "a table", "a portrait",
                  "a toy on the floor", "a wall", "a cup", "a painting of a cat", "at night")
+TINY = TinyModel(TINY_VERSION, (32, 64), 1, 64, 2, CONCEPTS)
+
+# A second testbed, unlike the first in width and depth (3 levels, 2 layers per block, a
+# 3-layer 96-wide CLIP) and in its LoRAs: ranks 4 to 32, one without alpha (alpha = rank), a
+# UNet-only and a text-encoder-only one, two subjects of one class, two competing styles, and
+# one trained without prior preservation.
+DEEP_CONCEPTS = (
+    TinyConcept("kzr", 16, 8.0, ("a photo of kzr", "kzr man smiling", "kzr in a suit"),
+                ("kzr at the beach", "a portrait of kzr"), ("kzr reading a book", "kzr in the rain", "a drawing of kzr"),
+                convs=True),
+    TinyConcept("bnw", 12, 6.0, ("a photo of bnw", "bnw man standing", "bnw in a coat"),
+                ("bnw at the park", "a portrait of bnw"), ("bnw on a bench", "bnw in the snow", "a sketch of bnw"),
+                convs=False),
+    TinyConcept("mvt", 32, 32.0, ("mvt style", "a castle, mvt style", "a river in mvt style"),
+                ("a horse in mvt style", "mvt style forest"), ("a bridge in mvt style", "mvt style harbor", "a lamp, mvt style"),
+                convs=False, parts="unet"),
+    TinyConcept("glo", 8, 4.0, ("glo style", "a castle, glo style", "a field in glo style"),
+                ("a ship in glo style", "glo style village"), ("a tower in glo style", "glo style valley", "a car, glo style"),
+                convs=True),
+    TinyConcept("dqx", 8, 8.0, ("a dqx vase", "dqx on a shelf", "a green dqx"),
+                ("a tall dqx", "two dqx vases"), ("a dqx by the door", "a broken dqx", "a dqx on the table"),
+                convs=False, parts="text_encoder"),
+    TinyConcept("plo", 4, 1.0, ("plo texture", "a floor with plo texture", "plo pattern"),
+                ("a bag with plo texture", "plo carpet"), ("a box with plo texture", "plo curtain", "a plo wall"),
+                convs=False, prior_weight=0.0),
+)
+DEEP = TinyModel("deep-sd1-v1", (48, 96, 96), 2, 96, 3, DEEP_CONCEPTS)
+# Prompts with no trigger word, for the base-preservation protocol (none is a prior prompt).
+NEUTRAL = {"validation": ("a bird on a wire", "a mountain lake", "a red bicycle"),
+           "test": ("a bowl of fruit", "a city street at dusk", "an old wooden boat")}
 
 
 def cache_root() -> Path:
@@ -57,19 +101,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("ITERIS_SD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "iteris_sd"))
 
 
-def cache_dir() -> Path:
-    return cache_root() / TINY_VERSION
+def cache_dir(model: TinyModel = TINY) -> Path:
+    return cache_root() / model.version
 
 
-def ensure_tiny_assets(n_loras: int = 2, progress: ProgressFn = no_progress) -> tuple[Path, list[Path]]:
-    """The tiny base folder and the first ``n_loras`` concept LoRAs, built once and cached
+def ensure_tiny_assets(n_loras: int = 2, progress: ProgressFn = no_progress,
+                       model: TinyModel = TINY) -> tuple[Path, list[Path]]:
+    """The model's base folder and its first ``n_loras`` concept LoRAs, built once and cached
     under $ITERIS_SD_CACHE (default ~/.cache/iteris_sd). Deterministic from fixed seeds."""
-    root = cache_dir()
+    root = cache_dir(model)
     base = root / "base"
     if not (base / "model_index.json").is_file():
-        build_tiny_pipeline(base)
+        build_tiny_pipeline(base, model=model)
     paths = []
-    for k, concept in enumerate(CONCEPTS[:n_loras]):
+    for k, concept in enumerate(model.concepts[:n_loras]):
         path = root / f"lora_{concept.trigger}.safetensors"
         if not path.is_file():
             train_concept_lora(base, concept, path, seed=100 + k, progress=progress)
@@ -91,7 +136,7 @@ def tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def build_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
+def build_tiny_pipeline(folder: Path, seed: int = 0, model: TinyModel = TINY) -> Path:
     """A StableDiffusionPipeline with SD1.x's architecture at toy size, saved to ``folder``."""
     from diffusers import (
         AutoencoderKL,
@@ -104,14 +149,16 @@ def build_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=64,
+        vocab_size=len(tokenizer), hidden_size=model.text_width, intermediate_size=2 * model.text_width,
+        num_hidden_layers=model.text_layers, num_attention_heads=model.text_width // 16, max_position_embeddings=77, projection_dim=64,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
+    levels = len(model.widths)
     unet = UNet2DConditionModel(
-        sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+        sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=model.layers_per_block,
+        block_out_channels=model.widths,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1), cross_attention_dim=model.text_width,
         attention_head_dim=8, norm_num_groups=8,
     )
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
@@ -134,7 +181,8 @@ def train_concept_lora(base: Path, concept: TinyConcept, out_path: Path, steps: 
     from iteris_demo.train import load_parts, lora_targets, train_lora, write_lora
 
     unet, te, tok, sched = load_parts(base)
-    targets = lora_targets(unet, te, concept.convs)
+    targets = {k: m for k, m in lora_targets(unet, te, concept.convs).items()
+               if concept.parts == "both" or k.startswith(concept.parts + ".")}
     side, batch = RESOLUTION // 2, 4
     pattern = _concept_pattern(concept.trigger, side, torch.Generator().manual_seed(seed))
 
@@ -147,7 +195,8 @@ def train_concept_lora(base: Path, concept: TinyConcept, out_path: Path, steps: 
         return torch.randn(batch, 4, side, side, generator=gen), prompts
 
     params = train_lora(unet, te, tok, sched, targets, concept.rank, concept.alpha, data, priors,
-                        steps, seed=seed, phase=f"train LoRA {concept.trigger}", progress=progress)
+                        steps, seed=seed, phase=f"train LoRA {concept.trigger}", progress=progress,
+                        prior_weight=concept.prior_weight)
     return write_lora(out_path, params, targets, {"unet": unet, "text_encoder": te}, concept.rank, concept.alpha,
                       {"iteris_tiny_concept": concept.trigger})
 

@@ -112,10 +112,10 @@ def lora_targets(unet: nn.Module, text_encoder: nn.Module, convs: bool) -> dict[
 def train_lora(unet: nn.Module, text_encoder: nn.Module, tokenizer, scheduler,
                targets: dict[str, nn.Module], rank: int, alpha: float, data: DataFn, priors: DataFn,
                steps: int, lr: float = 3e-3, seed: int = 0, phase: str = "train LoRA",
-               progress: ProgressFn = no_progress) -> dict[str, tuple[Tensor, Tensor]]:
+               progress: ProgressFn = no_progress, prior_weight: float = 1.0) -> dict[str, tuple[Tensor, Tensor]]:
     """Train a LoRA (up zero-initialised, down random) on ``data`` with prior preservation on
     ``priors`` (pictures without the trigger, where the LoRA must match the frozen base's
-    prediction); returns module id -> (up (out, r), down (r, in...)) with scale alpha / rank."""
+    prediction; its loss weighted ``prior_weight``, 0 for a LoRA that fires everywhere); returns module id -> (up (out, r), down (r, in...)) with scale alpha / rank."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     scale = alpha / rank
@@ -154,7 +154,7 @@ def train_lora(unet: nn.Module, text_encoder: nn.Module, tokenizer, scheduler,
                 prior_target = unet(xt[b:], t[b:], encoder_hidden_states=encode(text_encoder, tokenizer, prior_prompts)).sample
                 enabled[0] = True
             pred = unet(xt, t, encoder_hidden_states=encode(text_encoder, tokenizer, prompts + prior_prompts)).sample
-            loss = F.mse_loss(pred[:b], target[:b]) + F.mse_loss(pred[b:], prior_target)
+            loss = F.mse_loss(pred[:b], target[:b]) + prior_weight * F.mse_loss(pred[b:], prior_target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

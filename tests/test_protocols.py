@@ -82,3 +82,43 @@ def test_a_paired_difference_separates_methods_that_one_interval_each_would_call
     diff = bootstrap([40], lambda idx: root_ratio(b, dens, idx[0]) - root_ratio(a, dens, idx[0]))
     assert diff.value > 0 and not tied(diff)
     assert tied(bootstrap([40], lambda idx: root_ratio(a, dens, idx[0]) - root_ratio(a, dens, idx[0])))
+
+
+def fake_distractor_result(rows: dict[str, float], pictures: int = 6, sets: int = 3) -> dict:
+    """A run_distractors result whose row ``label`` has per-picture noise distance and base drift
+    ``scale`` times the reference's: noise recovery 1 - scale, base drift scale."""
+    rng = random.Random(0)
+    groups, neutral = [], []
+    for s in range(sets):
+        den = [rng.uniform(1, 2) for _ in range(pictures)]
+        alone = [rng.uniform(1, 2) for _ in range(pictures)]
+        groups.append({"target": f"t{s}", "loras": [f"t{s}", "x"], "den": den, "seconds": {r: 1.0 for r in rows},
+                       "noise": {r: [scale ** 2 * d for d in den] for r, scale in rows.items()}})
+        neutral.append({"loras": [f"t{s}", "x"], "alone": alone,
+                        "drift": {r: [scale ** 2 * a for a in alone] for r, scale in rows.items()}})
+    return {"testbed": "fake", "split": "test", "rows": list(rows),
+            "k": {"2": {"merges": sets, "seconds": 1.0, "groups": groups, "neutral": neutral}}}
+
+
+def test_the_distractor_summary_reads_recovery_and_base_drift_and_orders_the_rows():
+    from iteris_demo.distractors import markdown, summarize
+
+    result = fake_distractor_result({"far": 0.8, "close": 0.2, "closer": 0.19})
+    s = summarize(result)["2"]
+    assert s["order"] == ["closer", "close", "far"] and s["pictures"] == 18
+    for label, scale in (("far", 0.8), ("close", 0.2)):
+        assert s["rows"][label]["noise"].value == pytest.approx(1 - scale)
+        assert s["rows"][label]["drift"].value == pytest.approx(scale)
+        assert s["rows"][label]["noise"].low <= s["rows"][label]["noise"].value <= s["rows"][label]["noise"].high
+    # the same pictures for every row: a constant ratio has no spread, so 0.81 and 0.80 are told apart
+    assert not s["first_two_tied"]
+    assert markdown(result).splitlines()[4].startswith("| closer | 0.810 [0.810, 0.810] | 0.190")
+
+
+def test_rows_whose_paired_difference_straddles_zero_are_reported_tied():
+    from iteris_demo.distractors import summarize
+
+    result = fake_distractor_result({"a": 0.5, "b": 0.5})
+    for group in result["k"]["2"]["groups"]:  # b is closer on some pictures, farther on others
+        group["noise"]["b"] = [n * (0.8 if k % 2 else 1.25) for k, n in enumerate(group["noise"]["b"])]
+    assert summarize(result)["2"]["first_two_tied"]
