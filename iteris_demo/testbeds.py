@@ -5,10 +5,11 @@
 - ``tiny-sd1``: the random-weight SD1-architecture test model (`iteris_demo.tiny`, 32/64-channel
   UNet, 2-layer CLIP) with four concept LoRAs trained on it (ranks 4 to 8, two with convs),
   at its native 32 px and the recipe's default calibration otherwise; noise error only;
-- ``deep-sd1``: a second random-weight SD1-architecture model, wider and deeper (48/96/96
-  channels, 2 layers per block, a 3-layer 96-wide CLIP), with six LoRAs of ranks 4 to 32: two
-  subjects of one class, two competing styles, a UNet-only (without alpha), a text-encoder-only
-  one and one trained without prior preservation (it fires without its trigger word).
+- ``deep-sd1``: a second random-weight SD1-architecture model, deeper and with a wider text
+  encoder (3 levels of 32/64/64 channels, 2 layers per block, a 3-layer 96-wide CLIP), with six
+  LoRAs of ranks 4 to 32: two subjects of one class, two competing styles, a UNet-only one
+  (without alpha), a text-encoder-only one and one trained without prior preservation (it fires
+  without its trigger word).
 
 Each testbed also has prompts with no trigger word per split, for the base-preservation protocol.
 """

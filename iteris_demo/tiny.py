@@ -66,8 +66,8 @@ PRIOR_PROMPTS = ("a photo of a dog", "a house", "a tree in the garden", "a table
                  "a toy on the floor", "a wall", "a cup", "a painting of a cat", "at night")
 TINY = TinyModel(TINY_VERSION, (32, 64), 1, 64, 2, CONCEPTS)
 
-# A second testbed, unlike the first in width and depth (3 levels, 2 layers per block, a
-# 3-layer 96-wide CLIP) and in its LoRAs: ranks 4 to 32, one without alpha (alpha = rank), a
+# A second testbed, unlike the first in depth and width (3 levels of 32/64/64 channels, 2 layers
+# per block, a 3-layer 96-wide CLIP) and in its LoRAs: ranks 4 to 32, one without alpha (alpha = rank), a
 # UNet-only and a text-encoder-only one, two subjects of one class, two competing styles, and
 # one trained without prior preservation.
 DEEP_CONCEPTS = (
@@ -90,7 +90,7 @@ DEEP_CONCEPTS = (
                 ("a bag with plo texture", "plo carpet"), ("a box with plo texture", "plo curtain", "a plo wall"),
                 convs=False, prior_weight=0.0),
 )
-DEEP = TinyModel("deep-sd1-v1", (48, 96, 96), 2, 96, 3, DEEP_CONCEPTS)
+DEEP = TinyModel("deep-sd1-v1", (32, 64, 64), 2, 96, 3, DEEP_CONCEPTS)
 # Prompts with no trigger word, for the base-preservation protocol (none is a prior prompt).
 NEUTRAL = {"validation": ("a bird on a wire", "a mountain lake", "a red bicycle"),
            "test": ("a bowl of fruit", "a city street at dusk", "an old wooden boat")}

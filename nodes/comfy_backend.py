@@ -38,7 +38,7 @@ from ..iteris_sd.merge.backend import Deltas, InputSink, Target
 from ..iteris_sd.merge.layers import ConvGeometry
 from ..iteris_sd.progress import ProgressFn, no_progress
 from ..iteris_sd.seeds import fold_seed
-from .families import base_model_version, native_resolution
+from .families import base_model_version, native_cfg, native_resolution
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class ComfyCalibration:
     steps: int = CalibrationSettings.steps
     timesteps: int = CalibrationSettings.timesteps  # model calls captured per prompt, spread over the trajectory
     resolution: int = CalibrationSettings.resolution  # 0: the model's native size (native_resolution)
-    cfg: float = CalibrationSettings.cfg
+    cfg: float = 0.0  # 0: the family's (native_cfg: 1 for Flux, else CalibrationSettings.cfg)
     negative_prompt: str = CalibrationSettings.negative_prompt
     seed: int = 0
 
@@ -79,7 +79,9 @@ class ComfyBackend:
         self.model = model.clone()
         self.clip = clip.clone() if clip is not None else None
         self.concepts = concepts
-        self.settings = settings if settings.resolution else replace(settings, resolution=native_resolution(self.model.model))
+        base = self.model.model
+        self.settings = replace(settings, resolution=settings.resolution or native_resolution(base),
+                                cfg=settings.cfg or native_cfg(base, CalibrationSettings.cfg))
         self.key_map = comfy.lora.model_lora_keys_unet(self.model.model, {})
         self.unet_keys = set(self.key_map.values())
         if self.clip is not None:

@@ -1,6 +1,6 @@
 """What the node pack knows of ComfyUI's model families, from a loaded model's classes (no
-ComfyUI import, so it is tested without one): the native calibration size and kohya's
-``ss_base_model_version``."""
+ComfyUI import, so it is tested without one): the native calibration size and guidance, and
+kohya's ``ss_base_model_version``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,13 @@ def native_resolution(base_model) -> int:
     if "SD20" in families:
         return 768 if base_model.model_type.name == "V_PREDICTION" else 512
     return 1024
+
+
+def native_cfg(base_model, default: float) -> float:
+    """The CFG scale a family is sampled at: 1.0 for Flux.1 and its fine-tunes (guidance-distilled:
+    a second, unconditional pass only degrades them), else ``default``."""
+    families = {c.__name__ for c in type(base_model.model_config).__mro__}
+    return 1.0 if "Flux" in families else default
 
 
 def base_model_version(base_model) -> str:

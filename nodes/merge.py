@@ -53,7 +53,9 @@ class MergeNode(io.ComfyNode):
                 io.Int.Input("resolution", default=ComfyCalibration.resolution, min=0, max=2048, step=64,
                              tooltip="Image size of the calibration trajectories (the size the LoRAs were trained at); "
                                      "0: the model's native size (SD1.5 512, SD2 768, SDXL, SD3 and Flux 1024)."),
-                io.Float.Input("cfg", default=ComfyCalibration.cfg, min=0.0, max=30.0, step=0.5, tooltip="CFG scale of the calibration trajectories."),
+                io.Float.Input("cfg", default=ComfyCalibration.cfg, min=0.0, max=30.0, step=0.5,
+                               tooltip="CFG scale of the calibration trajectories; 0: the family's (1.0 for Flux, "
+                                       "which is guidance-distilled; 5.0 otherwise)."),
                 io.Int.Input("calibration_seed", default=ComfyCalibration.seed, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seed of the calibration noise; the same inputs and seed give the same merge."),
                 io.String.Input("negative_prompt", default=ComfyCalibration.negative_prompt, optional=True,
@@ -150,7 +152,8 @@ def _state_dict(layers: dict) -> dict:
 
 
 def _calibration_line(report: MergeReport, c: ComfyCalibration) -> str:
-    return f"calibrated at {c.resolution} px, {c.steps} steps, cfg {c.cfg:g}; merged in {report.seconds:.1f} s"
+    steps = f"{c.steps} step{'s' * (c.steps != 1)}"
+    return f"calibrated at {c.resolution} px, {steps}, cfg {c.cfg:g}; merged in {report.seconds:.1f} s"
 
 
 def report_text(report: MergeReport, calibration: ComfyCalibration) -> str:

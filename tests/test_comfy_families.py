@@ -74,11 +74,11 @@ def _entries(g: dict, a: str, b: str) -> None:
         "lora_name": f"{b}.safetensors", "strength": 0.8, "prompts": PROMPT_B, "previous": ["a", 0]}}
 
 
-def _merge(g: dict, name: str, method: str, last_entry: str, filename: str) -> None:
+def _merge(g: dict, name: str, method: str, last_entry: str, filename: str, cfg: float) -> None:
     """IterIS_Merge of the entries up to ``last_entry`` -> IterIS_SaveLora ``filename`` (fp32)."""
     g[name] = {"class_type": "IterIS_Merge", "inputs": {
         "model": ["unet", 0], "clip": ["clip", 0], "loras": [last_entry, 0], "method": method, "iterations": 1,
-        "rank": 0, "sampler": "euler", "scheduler": "simple", "steps": 2, "timesteps": 1, "resolution": 64, "cfg": 1.0,
+        "rank": 0, "sampler": "euler", "scheduler": "simple", "steps": 2, "timesteps": 1, "resolution": 64, "cfg": cfg,
         "calibration_seed": 0}}
     g[f"{name}_save"] = {"class_type": "IterIS_SaveLora",
                          "inputs": {"lora": [name, 2], "filename": filename, "dtype": "fp32", "overwrite": True}}
@@ -103,8 +103,9 @@ def _merge_save_and_load(server: ComfyServer, kind: str, a: str, b: str) -> dict
     _entries(g, a, b)
     # a file name per family: ComfyUI's LoraLoader keeps the last file it read by its path
     saved = {"iteris": f"iteris_{kind}", "linear": f"linear_{kind}"}
-    _merge(g, "iteris", "iteris", "b", saved["iteris"])
-    _merge(g, "linear", "linear", "a", saved["linear"])
+    cfg = 1.0 if kind in ("sdxl", "sd3") else 0.0  # Flux: the node's default, which must be the family's 1.0
+    _merge(g, "iteris", "iteris", "b", saved["iteris"], cfg)
+    _merge(g, "linear", "linear", "a", saved["linear"], cfg)
     _sample(g, "merged", ["iteris", 0], ["iteris", 1], kind)
     mark = server.log_mark()
     first = server.run(g, timeout=1500)

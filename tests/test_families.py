@@ -43,3 +43,9 @@ def test_native_resolution_follows_the_family(config, prediction, size):
 def test_base_model_version_names_the_family():
     versions = {name: families.base_model_version(type(name, (), {})()) for name in ("BaseModel", "SDXL", "Flux", "WAN21")}
     assert versions == {"BaseModel": "sd_v1", "SDXL": "sdxl_base_v1-0", "Flux": "flux1", "WAN21": "wan21"}
+
+
+@pytest.mark.parametrize(("config", "cfg"), [("SD15", 7.5), ("SDXL", 7.5), ("SD3", 7.5), ("Flux", 1.0),
+                                             ("FluxSchnell", 1.0), ("QwenImage", 7.5)])
+def test_flux_is_calibrated_without_cfg_and_the_others_at_the_default(config, cfg):
+    assert families.native_cfg(model(config), 7.5) == cfg
