@@ -210,14 +210,21 @@ def write_distractors(result: dict, out_dir: str) -> str:
     return text
 
 
-if __name__ == "__main__":  # python -m iteris_demo.distractors --testbed tiny-sd1 --split test --rows quick
+QUICK = {"testbed": "tiny-sd1", "split": "test", "k": "4", "draws": 1, "rows": "quick"}
+
+
+def main(argv: list[str] | None = None) -> str:
+    """The command line; returns the markdown it printed and wrote."""
     import argparse
+    import sys
 
     import torch
 
     from iteris_demo.testbeds import TESTBEDS
 
-    parser = argparse.ArgumentParser(description="the target + distractors protocol on one testbed and split")
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m iteris_demo.distractors",
+                                     description="the target + distractors protocol on one testbed and split")
     parser.add_argument("--testbed", choices=tuple(TESTBEDS), default="shapes32")
     parser.add_argument("--split", choices=("validation", "test"), default="validation")
     parser.add_argument("--k", default="2,3,4", help="merge sizes K (default 2,3,4)")
@@ -225,9 +232,20 @@ if __name__ == "__main__":  # python -m iteris_demo.distractors --testbed tiny-s
     parser.add_argument("--rows", choices=tuple(ROW_SETS), default="all",
                         help="the methods: all, quick (" + ", ".join(r.label for r in QUICK_ROWS) + ") or candidates "
                              "(the IterIS settings a default is chosen from, beside the baselines)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the quick mode, under 10 minutes on 2 CPU cores from a fresh clone: "
+                             + ", ".join(f"--{k} {v}" for k, v in QUICK.items()) + " (a flag given beside it still counts)")
     parser.add_argument("--out", default="out/distractors")
-    args = parser.parse_args()
+    if "--quick" in argv:
+        parser.set_defaults(**QUICK)
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     result = run_distractors(args.testbed, args.split, tuple(int(k) for k in args.k.split(",")), args.draws,
                              rows=ROW_SETS[args.rows])
-    print(write_distractors(result, args.out))
+    text = write_distractors(result, args.out)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":  # python -m iteris_demo.distractors --quick
+    main()

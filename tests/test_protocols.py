@@ -122,3 +122,20 @@ def test_rows_whose_paired_difference_straddles_zero_are_reported_tied():
     for group in result["k"]["2"]["groups"]:  # b is closer on some pictures, farther on others
         group["noise"]["b"] = [n * (0.8 if k % 2 else 1.25) for k, n in enumerate(group["noise"]["b"])]
     assert summarize(result)["2"]["first_two_tied"]
+
+
+@pytest.mark.slow
+def test_the_quick_mode_writes_a_table_per_k_with_every_quick_row(tmp_path):
+    import json
+
+    from iteris_demo.distractors import QUICK_ROWS, main
+
+    text = main(["--quick", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "distractors-tiny-sd1-test.json").read_text())
+    assert result["split"] == "test" and list(result["k"]) == ["4"]
+    assert (tmp_path / "distractors-tiny-sd1-test.md").read_text() == text
+    table = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert sorted(line.split(" | ")[0][2:] for line in table) == sorted(r.label for r in QUICK_ROWS)
+    for group in result["k"]["4"]["groups"]:
+        assert all(d > 0 for d in group["den"])
+        assert all(v >= 0 and v == v for values in group["noise"].values() for v in values)
