@@ -67,7 +67,7 @@ def test_minimal_recipe_gets_defaults(files):
     r = parse_recipe(minimal(files))
     assert r.method == "iteris" and r.iterations == 5 and r.rank is None
     assert r.dtype == "fp16" and r.device == "auto" and r.seed == 0 and not r.overwrite
-    assert r.damping == 0.5 and r.regularization == 0.1 == IterISConfig().regularization == MergeOptions().regularization and r.density == 0.5
+    assert r.damping == 0.5 and r.regularization == 1e-3 == IterISConfig().regularization == MergeOptions().regularization and r.density == 0.5
     assert r.compare == [] and r.base_config is None
     assert r.ridge_target == IterISConfig().ridge_target == MergeOptions().ridge_target
     assert r.calibration == CalibrationSettings()
