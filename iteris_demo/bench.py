@@ -27,7 +27,8 @@ from iteris_demo.model import demo_assets
 from iteris_demo.splits import combined_prompts, held_out_prompts, split
 from iteris_sd.app.pipeline import MergeReport, merge_loras, noise_errors, peak_memory_bytes
 from iteris_sd.backends.calibration import CalibrationSettings
-from iteris_sd.backends.diffusers import DiffusersBackend, load_backend
+from iteris_sd.backends.diffusers import DiffusersBackend
+from iteris_sd.backends.load import load_backend
 from iteris_sd.lora.layer import LoraFile
 from iteris_sd.lora.read import read_lora
 from iteris_sd.merge.backend import Deltas, same_deltas
@@ -81,7 +82,7 @@ def evaluation_backend(backend: DiffusersBackend, settings: CalibrationSettings 
 
 def backend_for(backend: DiffusersBackend, prompts: list[list[str]], settings: CalibrationSettings) -> DiffusersBackend:
     """The same modules (nothing reloaded) with other per-LoRA prompts and settings."""
-    return DiffusersBackend(backend.unet, backend.text_encoders, backend.tokenizers, backend.scheduler_config,
+    return DiffusersBackend(backend.model, backend.text_encoders, backend.tokenizers, backend.scheduler_config,
                             prompts, settings, seed=backend.seed, vae_scale_factor=backend.vae_scale_factor)
 
 

@@ -13,7 +13,7 @@ from iteris_demo.detect import concept_present, load_detector, read_attributes
 from iteris_demo.model import DemoAssets
 from iteris_demo.train import encode
 from iteris_sd.app.pipeline import concept_deltas
-from iteris_sd.backends.diffusers import load_backend
+from iteris_sd.backends.load import load_backend
 from iteris_sd.lora.read import read_lora
 
 

@@ -39,7 +39,8 @@ from iteris_demo.protocols import (
 from iteris_demo.splits import split
 from iteris_demo.testbeds import Testbed, testbed
 from iteris_sd.app.pipeline import merge_loras
-from iteris_sd.backends.diffusers import DiffusersBackend, load_backend
+from iteris_sd.backends.diffusers import DiffusersBackend
+from iteris_sd.backends.load import load_backend
 from iteris_sd.lora.read import read_lora
 from iteris_sd.merge.options import MergeOptions
 from iteris_sd.progress import ProgressFn, no_progress
@@ -69,7 +70,12 @@ CANDIDATES = (Row("iteris a = 0.1 toward the sum", "iteris", (("regularization",
                                                       ("iterations", 0))),
               Row("iteris auto toward the sum", "iteris", (("regularization", "auto"), ("ridge_target", "sum"))),
               PAPER, *ROWS[1:5])
-ROW_SETS = {"all": ROWS, "quick": QUICK_ROWS, "candidates": CANDIDATES}
+# The iteration counts the default is chosen from (the default's ridge; its own count is ROWS[0]'s).
+ITERATION_COUNTS = (Row("iteris, one-shot (0 iterations)", "iteris", (("iterations", 0),)),
+                    Row("iteris, 1 iteration", "iteris", (("iterations", 1),)),
+                    Row("iteris, 2 iterations", "iteris", (("iterations", 2),)),
+                    ROWS[0], Row("regmean", "regmean"), Row("linear", "linear"))
+ROW_SETS = {"all": ROWS, "quick": QUICK_ROWS, "candidates": CANDIDATES, "iterations": ITERATION_COUNTS}
 
 
 def merge_rows(backend: DiffusersBackend, loras, rows, progress: ProgressFn) -> tuple[dict, list, dict]:
@@ -231,8 +237,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--k", default="2,3,4", help="merge sizes K (default 2,3,4)")
     parser.add_argument("--draws", type=int, default=3, help="distractor draws per target (default 3)")
     parser.add_argument("--rows", choices=tuple(ROW_SETS), default="all",
-                        help="the methods: all, quick (" + ", ".join(r.label for r in QUICK_ROWS) + ") or candidates "
-                             "(the IterIS settings a default is chosen from, beside the baselines)")
+                        help="the methods: all, quick (" + ", ".join(r.label for r in QUICK_ROWS) + "), candidates "
+                             "(the IterIS settings a default is chosen from, beside the baselines) or iterations "
+                             "(IterIS with 0, 1, 2 and the default's iterations, beside regmean and linear)")
     parser.add_argument("--quick", action="store_true",
                         help="the quick mode: "
                              + ", ".join(f"--{k} {v}" for k, v in QUICK.items()) + " (a flag given beside it still counts)")

@@ -58,7 +58,7 @@ def sd15_components(dtype=torch.float32, device="cpu") -> dict:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
     )
-    return dict(unet=unet.to(device, dtype).eval(), text_encoders=[te.to(device, dtype).eval()], tokenizers=[tok],
+    return dict(model=unet.to(device, dtype).eval(), text_encoders=[te.to(device, dtype).eval()], tokenizers=[tok],
                 scheduler_config=SCHEDULER, vae_scale_factor=8)
 
 
@@ -85,7 +85,7 @@ def sdxl_components(dtype=torch.float32, device="cpu") -> dict:
         projection_class_embeddings_input_dim=2816, norm_num_groups=32,
     )
     scheduler = dict(SCHEDULER, _class_name="EulerDiscreteScheduler")
-    return dict(unet=unet.to(device, dtype).eval(), text_encoders=[te1.to(device, dtype).eval(), te2.to(device, dtype).eval()],
+    return dict(model=unet.to(device, dtype).eval(), text_encoders=[te1.to(device, dtype).eval(), te2.to(device, dtype).eval()],
                 tokenizers=[tok, tok], scheduler_config=scheduler, vae_scale_factor=8)
 
 
@@ -103,7 +103,7 @@ def tiny_components(dtype=torch.float32, device="cpu") -> dict:
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
     scheduler = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
-    return dict(unet=unet.to(device, dtype).eval(), text_encoders=[te.to(device, dtype).eval()], tokenizers=[_tokenizer()],
+    return dict(model=unet.to(device, dtype).eval(), text_encoders=[te.to(device, dtype).eval()], tokenizers=[_tokenizer()],
                 scheduler_config=scheduler, vae_scale_factor=2)
 
 

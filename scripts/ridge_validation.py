@@ -12,7 +12,7 @@ import time
 from iteris_demo.testbeds import testbed
 from iteris_demo.bench import backend_for
 from iteris_sd.app.pipeline import merge_loras
-from iteris_sd.backends.diffusers import load_backend
+from iteris_sd.backends.load import load_backend
 from iteris_sd.lora.read import read_lora
 from iteris_sd.merge.options import MergeOptions
 bed = testbed(sys.argv[1]); split = sys.argv[2] if len(sys.argv) > 2 else "validation"

@@ -10,7 +10,7 @@ from iteris_demo import shapes
 from iteris_demo.check import check_assets
 from iteris_demo.detect import accuracy, load_detector
 from iteris_demo.model import ASSETS, build_demo_assets, demo_assets
-from iteris_sd.backends.diffusers import load_backend
+from iteris_sd.backends.load import load_backend
 from iteris_sd.lora.read import read_lora
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def test_training_writes_a_complete_asset_folder_whose_loras_match_the_model(tmp
     scheduler = json.loads((folder / "base" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"]
     backend = load_backend(str(folder / "base"), [["a sks"]], device="cpu")
-    assert backend.vae_scale_factor == 1 and backend.unet.config.in_channels == 3  # pixel space
+    assert backend.vae_scale_factor == 1 and backend.model.config.in_channels == 3  # pixel space
     for concept in shapes.CONCEPTS:
         lora = read_lora(folder / f"lora_{concept.trigger}.safetensors")
         matched = backend.match(lora)  # raises on any key that maps to no module

@@ -5,7 +5,7 @@ import torch
 
 from iteris_sd.app.pipeline import concept_deltas
 from iteris_sd.backends.calibration import CalibrationSettings
-from iteris_sd.backends.diffusers import load_backend
+from iteris_sd.backends.load import load_backend
 from iteris_sd.lora.read import read_lora
 from iteris_sd.merge.iterate import IterISConfig, merge_iteris
 

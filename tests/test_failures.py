@@ -43,7 +43,8 @@ from iteris_sd.app.pipeline import (
 )
 from iteris_sd.app.recipe import load_recipe
 from iteris_sd.backends.calibration import CalibrationSettings
-from iteris_sd.backends.diffusers import DiffusersBackend, load_backend
+from iteris_sd.backends.diffusers import DiffusersBackend
+from iteris_sd.backends.load import load_backend
 from iteris_sd.lora.keymap import KeyMismatchError, ShapeMismatchError
 from iteris_sd.lora.read import LoraFormatError, read_lora
 from iteris_sd.merge.methods import METHOD_NAMES
@@ -161,7 +162,7 @@ def folder_is(folder: Path, names: set[str]) -> None:
 
 
 def hooks_left(backend: DiffusersBackend) -> list[str]:
-    models = [("unet", backend.unet)] + [(f"te{i}", te) for i, te in enumerate(backend.text_encoders)]
+    models = [("unet", backend.model)] + [(f"te{i}", te) for i, te in enumerate(backend.text_encoders)]
     return [f"{label}.{name}" for label, model in models for name, m in model.named_modules()
             if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks]
 
@@ -825,13 +826,13 @@ def test_interrupted_merge_leaves_no_hooks_and_the_model_as_it_was(phase, tmp_pa
     loras = [read_lora(lora_file(tmp_path / f"{k}.safetensors", keymap, [K, Q, CONV, TE], seed=k)) for k in range(2)]
     prompts = [["a photo"], ["zwx style"]]
     backend = backend_for(base, prompts)
-    weights = {k: v.clone() for m in [backend.unet, *backend.text_encoders] for k, v in m.state_dict().items()}
+    weights = {k: v.clone() for m in [backend.model, *backend.text_encoders] for k, v in m.state_dict().items()}
     progress, calls = _interrupt_at(phase, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         merge_loras(backend, loras, ["iteris"], ONE_ITERATION, progress)
     assert calls[-1].startswith(phase)
     assert hooks_left(backend) == []
-    after = {k: v for m in [backend.unet, *backend.text_encoders] for k, v in m.state_dict().items()}
+    after = {k: v for m in [backend.model, *backend.text_encoders] for k, v in m.state_dict().items()}
     assert all(torch.equal(weights[k], after[k]) for k in weights)
     if phase == "capture":  # the same backend still merges exactly as a fresh one does
         again = merge_loras(backend, loras, ["iteris"], ONE_ITERATION).results["iteris"].deltas
@@ -981,11 +982,11 @@ def test_an_unset_resolution_is_the_models_native_size(base):
     from iteris_sd.backends.diffusers import native_resolution
 
     unset = backend_for(base, [["a photo"]], CalibrationSettings(steps=2, timesteps=1))
-    assert unset.settings.resolution == RESOLUTION == unset.unet.config.sample_size * unset.vae_scale_factor
+    assert unset.settings.resolution == RESOLUTION == unset.model.config.sample_size * unset.vae_scale_factor
     assert backend_for(base, [["a photo"]]).settings.resolution == 16  # a set one is kept
 
     class NoSize:
         config = {}
 
-    with pytest.raises(ValueError, match=r"^the UNet's config has no sample_size \(None\); set calibration.resolution"):
+    with pytest.raises(ValueError, match=r"^the model's config has no sample_size \(None\); set calibration.resolution"):
         native_resolution(NoSize(), 8)

@@ -16,9 +16,9 @@ from iteris_sd.lora.keymap import (
     delta_shape,
     detect_family,
     diffusers_to_ldm_unet,
-    guess_family,
     unet_layout,
 )
+from iteris_sd.lora.guess import guess_family
 from iteris_sd.lora.layer import LoraFile, LoraLayer
 
 diffusers = pytest.importorskip("diffusers")
@@ -283,8 +283,8 @@ def test_colliding_module_names_are_refused():
 
 
 def test_build_keymap_rejects_unknown_family_and_component(text_encoder):
-    with pytest.raises(ValueError, match="unknown model family 'sd3'"):
-        build_keymap({"text_encoder": text_encoder}, "sd3")
+    with pytest.raises(ValueError, match="unknown model family 'hunyuan'"):
+        build_keymap({"text_encoder": text_encoder}, "hunyuan")
     with pytest.raises(ValueError, match="unknown component 'text_encoder_2'"):
         build_keymap({"text_encoder_2": text_encoder}, "sd1")
 
@@ -419,6 +419,10 @@ def test_guess_family_from_cross_attention_width():
         ({"addition_embed_type": "text_time", "cross_attention_dim": 2048}, "sdxl"),
         ({"addition_embed_type": None, "cross_attention_dim": 1024}, "sd2"),
         ({"cross_attention_dim": 768}, "sd1"),
+        ({"_class_name": "FluxTransformer2DModel", "joint_attention_dim": 4096}, "flux"),
+        ({"joint_attention_dim": 4096, "guidance_embeds": False}, "flux"),
+        ({"_class_name": "SD3Transformer2DModel", "joint_attention_dim": 4096}, "sd3"),
+        ({"joint_attention_dim": 4096, "caption_projection_dim": 1536}, "sd3"),
     ],
 )
 def test_detect_family(config, family):
@@ -426,10 +430,9 @@ def test_detect_family(config, family):
 
 
 def test_detect_family_names_a_model_it_cannot_merge():
-    flux = {"_class_name": "FluxTransformer2DModel", "joint_attention_dim": 4096}
-    with pytest.raises(ValueError, match=r"^FluxTransformer2DModel has no cross_attention_dim: it is not an SD1.x, SD2.x or SDXL UNet"):
-        detect_family(flux)
-    with pytest.raises(ValueError, match=r"^this model has no cross_attention_dim"):
+    with pytest.raises(ValueError, match=r"^HunyuanDiT2DModel is not an SD1.x, SD2.x or SDXL UNet nor an SD3 or Flux"):
+        detect_family({"_class_name": "HunyuanDiT2DModel", "cross_attention_dim": None})
+    with pytest.raises(ValueError, match=r"^this model is not an SD1.x"):
         detect_family({"joint_attention_dim": 4096})
 
 

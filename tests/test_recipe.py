@@ -73,7 +73,7 @@ def test_minimal_recipe_gets_defaults(files):
     assert r.calibration == CalibrationSettings()
     c = r.calibration
     assert (c.steps, c.resolution, c.cfg, c.sampler, c.timesteps, c.negative_prompt, c.seeds) \
-        == (8, 0, 5.0, "ddim", 4, "", 1)
+        == (8, 0, 0.0, "ddim", 4, "", 1)  # 0: the family's cfg
     assert r.lora[0] == LoraSpec(path=str(files / "a.safetensors"), prompts=["a cat"])
     assert r.lora[0].strength == 1.0 and r.lora[0].name is None
     assert r.lora[0].held_out_prompts == []
@@ -249,7 +249,7 @@ def test_devices_accepted(files, device):
     ({"steps": 0}, "calibration.steps: must be >= 1, got 0"),
     ({"resolution": 500}, "calibration.resolution: must be a multiple of 8, got 500"),
     ({"resolution": 8}, "calibration.resolution: must be >= 16 (or 0), got 8"),
-    ({"cfg": 0.5}, "calibration.cfg: must be >= 1.0, got 0.5"),
+    ({"cfg": 0.5}, "calibration.cfg: must be >= 1.0 (or 0), got 0.5"),
     ({"sampler": "pndm"}, "calibration.sampler: expected one of ddim, euler, dpmpp_2m"),
     ({"timesteps": 0}, "calibration.timesteps: must be >= 1, got 0"),
     ({"steps": 3}, "calibration.timesteps: must be between 1 and calibration.steps (3), got 4"),

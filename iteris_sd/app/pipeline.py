@@ -232,7 +232,7 @@ def run_recipe(recipe: Recipe, progress: ProgressFn = no_progress, score_new_see
 
     With ``score_new_seed`` every method is also scored on the calibration prompts with a
     seed calibration never saw (in-distribution generalisation)."""
-    from ..backends.diffusers import load_backend
+    from ..backends.load import load_backend
 
     sources = [("base", recipe.base)] + [(f"lora[{i}].path", s.path) for i, s in enumerate(recipe.lora)]
     for field_name, path in sources:  # never let overwrite = true destroy an input

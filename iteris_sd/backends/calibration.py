@@ -21,9 +21,11 @@ class CalibrationSettings:
     resolution: int = setting("Image size in pixels of the calibration samples (a multiple of 8, >= 16); "
                               "0: the model's native size (its UNet's sample size times the VAE's scale).",
                               0, ge=16, multiple_of=8, unset=0)
-    cfg: float = setting("Classifier-free guidance scale of the calibration samples (>= 1.0).", 5.0, ge=1.0)
-    sampler: str = setting("Sampler of the calibration trajectory: " + ", ".join(SAMPLERS) + ".", "ddim",
-                           choices=SAMPLERS)
+    cfg: float = setting("Classifier-free guidance scale of the calibration samples (>= 1.0; 1.0 samples without "
+                         "a negative prompt); 0: the family's, 1.0 for Flux (guidance-distilled), else 5.0.",
+                         0.0, ge=1.0, unset=0)
+    sampler: str = setting("Sampler of the calibration trajectory: " + ", ".join(SAMPLERS) + "; SD3 and Flux always "
+                           "sample with their own flow-matching Euler scheduler.", "ddim", choices=SAMPLERS)
     timesteps: int = setting("How many of the trajectory's steps are captured (1 .. steps).", 4, ge=1)
     negative_prompt: str = setting("Negative prompt of the calibration samples.", "")
     seeds: int = setting("Noise seeds per prompt (>= 1).", 1, ge=1)

@@ -1,5 +1,7 @@
-"""The diffusers backend: SD1.x / SD2.x (UNet2DConditionModel + CLIPTextModel) and SDXL
-(two text encoders), calibrated in latent space (no VAE is needed).
+"""The diffusers backend: SD1.x / SD2.x (UNet2DConditionModel + CLIPTextModel), SDXL (two
+text encoders), SD3 (SD3Transformer2DModel, two CLIPs and an optional T5) and Flux.1
+(FluxTransformer2DModel, CLIP-L and T5), calibrated in latent space (no VAE is needed).
+How each family is conditioned and called is `iteris_sd.backends.denoisers`.
 
 Deltas are applied by forward hooks (`iteris_sd.backends.hooks`), never written into the weights, so
 X (the LoRA-i model) and X~ (the merged model) are captured in one forward call, row for row.
@@ -7,10 +9,8 @@ X (the LoRA-i model) and X~ (the merged model) are captured in one forward call,
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Collection
 
 import torch
@@ -23,23 +23,27 @@ from ..merge.layers import ConvGeometry
 from ..progress import ProgressFn, no_progress
 from ..seeds import fold_seed
 from .calibration import CalibrationSettings, FoldingSink, TrajectoryCache, picture_folds, spread
+from .denoisers import NATIVE_LATENT_SIZE, default_cfg, flow_timesteps, make_denoiser
 from .hooks import hooked
+
+BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 
 
 @dataclass
 class Trajectory:
     """A sampled trajectory: the UNet inputs at each step and the prompt tokens behind them."""
 
-    token_ids: list[Tensor]  # per text encoder: (2b, L), negative prompts first
+    token_ids: list[Tensor]  # per text encoder: (2b, L), negative prompts first; (b, L) at cfg 1
     steps: list[tuple[Tensor, Tensor]]  # (timestep, scaled model input (b, C, h, w))
 
 
 class DiffusersBackend:
-    """Backend over diffusers components. ``concepts[i]`` are LoRA i's calibration prompts."""
+    """Backend over diffusers components: ``model`` is the UNet or the DiT, ``text_encoders``
+    in the pipeline's order. ``concepts[i]`` are LoRA i's calibration prompts."""
 
     def __init__(
         self,
-        unet: nn.Module,
+        model: nn.Module,
         text_encoders: list[nn.Module],
         tokenizers: list,
         scheduler_config: dict,
@@ -48,18 +52,20 @@ class DiffusersBackend:
         seed: int = 0,
         vae_scale_factor: int = 8,
     ):
-        self.unet = unet
+        self.model = model
         self.text_encoders = text_encoders
         self.tokenizers = tokenizers
         self.scheduler_config = dict(scheduler_config)
         self.concepts = concepts
         self.vae_scale_factor = vae_scale_factor
-        self.settings = settings if settings.resolution else replace(settings, resolution=native_resolution(unet, vae_scale_factor))
+        self.family = detect_family(model.config)
+        self.denoiser = make_denoiser(self.family, model, text_encoders)
+        self.settings = replace(settings, resolution=settings.resolution or native_resolution(model, vae_scale_factor, self.family),
+                                cfg=settings.cfg or default_cfg(self.family))
         self.seed = seed
-        self.family = detect_family(unet.config)
-        components = {"unet": unet, "text_encoder": text_encoders[0]}
-        if len(text_encoders) > 1:
-            components["text_encoder_2"] = text_encoders[1]
+        components = {self.denoiser.component: model}
+        for k, te in enumerate(text_encoders):
+            components["text_encoder" if k == 0 else f"text_encoder_{k + 1}"] = te
         self.keymap: KeyMap = build_keymap(components, self.family)
         self._trajectories = TrajectoryCache()
 
@@ -72,7 +78,7 @@ class DiffusersBackend:
 
     @property
     def base_model_version(self) -> str:
-        return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[self.family]
+        return BASE_MODEL_VERSIONS[self.family]
 
     def target(self, module_id: str) -> Target:
         module = self.keymap.modules[module_id]
@@ -83,11 +89,12 @@ class DiffusersBackend:
         traj = self.trajectory(concept, reference, progress)
         chunks = [reference] if merged is None else [reference, merged]
         captured = spread(traj.steps, self.settings.timesteps)
-        # each chunk of a call is [negative x b, prompts x b] (text) or [x, x] (UNet, CFG);
-        # a single picture's forward calls (timesteps) alternate between the folds instead
+        # each chunk of a call is [negative x b, prompts x b] (text) or [x, x] (denoiser, CFG),
+        # [prompts x b] / [x] at cfg 1; a single picture's forward calls (timesteps) alternate
+        # between the folds instead
         pictures = picture_folds(len(self.concepts[concept]), self.settings.seeds)
         folding = FoldingSink(sink)
-        folding.now = None if pictures is None else torch.tensor(pictures * 2)
+        folding.now = None if pictures is None else torch.tensor(pictures * self._rows)
         with self._hooked(chunks, modules, folding), torch.inference_mode():
             cond = self._encode(traj.token_ids, len(chunks))
             for k, (t, x) in enumerate(captured):
@@ -156,41 +163,52 @@ class DiffusersBackend:
 
     def token_ids(self, prompts: list[str]) -> list[Tensor]:
         """Per tokenizer: (2b, L) ids, the negative prompt b times then the prompts, each
-        repeated ``seeds`` times. A prompt longer than the context is truncated, with a warning."""
+        repeated ``seeds`` times; (b, L), the prompts alone, at cfg 1 (no guidance). A prompt
+        longer than the context is truncated, with a warning."""
         prompts = [p for p in prompts for _ in range(self.settings.seeds)]
         out = []
-        for tok, te in zip(self.tokenizers, self.text_encoders):
+        for tok, te, cap in zip(self.tokenizers, self.text_encoders, self.denoiser.token_lengths()):
             L = context_length(tok, te)
+            L = L if cap is None else min(L, cap)
             for p in prompts:
                 if len(tok(p).input_ids) > L:
                     warnings.warn(f"prompt {p[:40]!r}... is longer than the text encoder's {L} tokens; the rest is ignored")
-            texts = [self.settings.negative_prompt] * len(prompts) + prompts
+            negatives = [self.settings.negative_prompt] * len(prompts) if self._rows == 2 else []
+            texts = negatives + prompts
             out.append(tok(texts, padding="max_length", max_length=L, truncation=True, return_tensors="pt").input_ids)
         return out
 
     # ----- model calls
+    @property
+    def _rows(self) -> int:
+        """Rows per picture in a model call: 2 with guidance (negative, prompt), 1 at cfg 1."""
+        return 1 if self.settings.cfg == 1.0 else 2
+
     def _device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.model.parameters()).device
 
     def _dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(self.model.parameters()).dtype
 
     def _sample(self, token_ids, seed, chunks, on_step=None, progress=no_progress, phase="sample"):
         """Sample with CFG along chunk 0's predictions; returns ([(t, model input)] per step,
         the final latents)."""
         s = self.settings
-        sched = make_scheduler(s.sampler, self.scheduler_config)
-        sched.set_timesteps(s.steps)
-        b = token_ids[0].shape[0] // 2
+        b = token_ids[0].shape[0] // self._rows
         side = s.resolution // self.vae_scale_factor
+        sched = make_scheduler(s.sampler, self.scheduler_config)
+        if is_flow_matching(self.scheduler_config):
+            flow_timesteps(sched, s.steps, (side // 2) ** 2)
+        else:
+            sched.set_timesteps(s.steps)
         g = torch.Generator().manual_seed(fold_seed(seed))
-        latents = torch.randn(b, self.unet.config.in_channels, side, side, generator=g) * sched.init_noise_sigma
-        latents = latents.to(self._device())
+        latents = torch.randn(b, self.denoiser.latent_channels, side, side, generator=g)
+        latents = (latents * getattr(sched, "init_noise_sigma", 1.0)).to(self._device())
         steps = []
         with self._hooked(chunks), torch.inference_mode():
             cond = self._encode(token_ids, len(chunks))
             for k, t in enumerate(sched.timesteps):
-                x = sched.scale_model_input(latents, t)
+                x = sched.scale_model_input(latents, t) if hasattr(sched, "scale_model_input") else latents
                 eps = self._guided_eps(x, t, cond, len(chunks))
                 steps.append((t, x))
                 if on_step is not None:
@@ -202,28 +220,18 @@ class DiffusersBackend:
     def _encode(self, token_ids: list[Tensor], n_chunks: int) -> dict[str, Tensor]:
         """Text conditioning for n_chunks copies of the batch (chunk j under delta set j)."""
         dev = self._device()
-        ids = [t.repeat(n_chunks, 1).to(dev) for t in token_ids]
-        if len(self.text_encoders) == 1:
-            return {"encoder_hidden_states": self.text_encoders[0](ids[0])[0]}
-        out1 = self.text_encoders[0](ids[0], output_hidden_states=True)
-        out2 = self.text_encoders[1](ids[1], output_hidden_states=True)
-        return {
-            "encoder_hidden_states": torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1),
-            "text_embeds": out2[0],
-        }
+        return self.denoiser.encode([t.repeat(n_chunks, 1).to(dev) for t in token_ids])
 
     def _guided_eps(self, x: Tensor, t, cond: dict[str, Tensor], n_chunks: int) -> list[Tensor]:
-        """CFG noise prediction for each chunk: u + cfg (c - u), float32 (b, C, h, w)."""
-        b = x.shape[0]
-        batch = x.to(self._dtype()).repeat(2 * n_chunks, 1, 1, 1)
-        kwargs = {}
-        if "text_embeds" in cond:
-            side = self.settings.resolution
-            time_ids = torch.tensor([side, side, 0, 0, side, side], dtype=batch.dtype, device=batch.device)
-            kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": time_ids.repeat(2 * b * n_chunks, 1)}
-        eps = self.unet(batch, t, encoder_hidden_states=cond["encoder_hidden_states"], **kwargs)[0].float()
+        """The guided prediction (noise, or a flow model's velocity) for each chunk:
+        u + cfg (c - u), or c alone at cfg 1; float32 (b, C, h, w)."""
+        batch = x.to(self._dtype()).repeat(self._rows * n_chunks, 1, 1, 1)
+        eps = self.denoiser.predict(batch, t, cond, self.settings.resolution).float()
         out = []
         for chunk in eps.chunk(n_chunks):
+            if self._rows == 1:
+                out.append(chunk)
+                continue
             u, c = chunk.chunk(2)
             out.append(u + self.settings.cfg * (c - u))
         return out
@@ -232,14 +240,15 @@ class DiffusersBackend:
         return hooked(self.keymap.modules, chunks, capture, sink)
 
 
-def native_resolution(unet: nn.Module, vae_scale_factor: int) -> int:
-    """The pixel size a diffusers UNet is trained at: its config's ``sample_size`` (latent
-    pixels, an int or (h, w)) times the VAE's scale factor; 512 for SD1.x, 1024 for SDXL."""
-    size = getattr(unet.config, "sample_size", None)
+def native_resolution(model: nn.Module, vae_scale_factor: int, family: str = "") -> int:
+    """The pixel size a diffusers UNet or DiT is trained at: its config's ``sample_size``
+    (latent pixels, an int or (h, w); Flux's has none: 128) times the VAE's scale factor;
+    512 for SD1.x, 1024 for SDXL, SD3 and Flux."""
+    size = getattr(model.config, "sample_size", None) or NATIVE_LATENT_SIZE.get(family)
     if isinstance(size, (list, tuple)):
         size = max(size)
     if not isinstance(size, int) or size <= 0:
-        raise ValueError(f"the UNet's config has no sample_size ({size!r}); set calibration.resolution in the recipe")
+        raise ValueError(f"the model's config has no sample_size ({size!r}); set calibration.resolution in the recipe")
     return size * vae_scale_factor
 
 
@@ -266,84 +275,22 @@ def context_length(tokenizer, text_encoder) -> int:
     return length if given and length <= positions else int(positions)
 
 
+def is_flow_matching(scheduler_config: dict) -> bool:
+    """Whether a scheduler config is a flow-matching one (SD3, Flux)."""
+    return str(scheduler_config.get("_class_name", "")).startswith("FlowMatch")
+
+
 def make_scheduler(sampler: str, config: dict):
+    """The ``sampler``'s scheduler from a pipeline's scheduler config; a flow-matching model
+    (SD3, Flux) always samples with its own flow-matching Euler scheduler."""
     from diffusers import (
         DDIMScheduler,
         DPMSolverMultistepScheduler,
         EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
     )
 
+    if is_flow_matching(config):
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
     cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}[sampler]
     return cls.from_config(config)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
-
-
-def load_backend(base: str, concepts: list[list[str]], settings: CalibrationSettings = CalibrationSettings(),
-                 seed: int = 0, device: str = "auto", base_config: str | None = None) -> DiffusersBackend:
-    """A backend over a diffusers folder (model_index.json) or a single-file .safetensors
-    checkpoint (its configs from ``base_config``, a diffusers folder of the same family).
-    Calibration runs in fp16 on a GPU and fp32 on the CPU."""
-    dev = resolve_device(device)
-    dtype = torch.float16 if dev.type in ("cuda", "mps") else torch.float32
-    path = Path(base)
-    if path.is_dir():
-        parts = _load_folder(path, dtype)
-    else:
-        parts = _load_single_file(path, dtype, base_config)
-    parts["unet"].to(dev).eval()
-    for te in parts["text_encoders"]:
-        te.to(dev).eval()
-    return DiffusersBackend(concepts=concepts, settings=settings, seed=seed, **parts)
-
-
-def _load_folder(path: Path, dtype) -> dict:
-    from diffusers import UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
-    if not (path / "model_index.json").is_file() or not (path / "unet").is_dir():
-        raise FileNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json or unet/)")
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-    tes = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)]
-    toks = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer")]
-    if (path / "text_encoder_2").is_dir():
-        tes.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype))
-        toks.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
-    scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    scale = 1  # a folder without vae/ is a pixel-space model (the demo model is one)
-    vae_config = path / "vae" / "config.json"
-    if vae_config.is_file():
-        scale = 2 ** (len(json.loads(vae_config.read_text()).get("block_out_channels", [0] * 4)) - 1)
-    return dict(unet=unet, text_encoders=tes, tokenizers=toks, scheduler_config=scheduler_config, vae_scale_factor=scale)
-
-
-def _load_single_file(path: Path, dtype, base_config: str | None) -> dict:
-    import safetensors
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: base model not found")
-    if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"{path}: only .safetensors checkpoints are read (pickle files can run code); "
-                         "convert it, or pass a diffusers folder")
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        is_xl = any(k.startswith("conditioner.embedders.1.") for k in f.keys())
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-    try:
-        pipe = cls.from_single_file(str(path), config=base_config, torch_dtype=dtype)
-    except Exception as exc:  # diffusers fetches configs from the hub when none is given
-        hint = "" if base_config else "; set base_config to a diffusers folder of the same model family"
-        raise ValueError(f"{path}: could not load the checkpoint ({type(exc).__name__}: {exc}){hint}") from exc
-    tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if is_xl else [])
-    toks = [pipe.tokenizer] + ([pipe.tokenizer_2] if is_xl else [])
-    return dict(unet=pipe.unet, text_encoders=tes, tokenizers=toks,
-                scheduler_config=dict(pipe.scheduler.config), vae_scale_factor=pipe.vae_scale_factor)

@@ -1,4 +1,4 @@
-"""Which module of a diffusers Stable Diffusion model each LoRA layer name targets.
+"""Which module of a diffusers model (SD1.x, SD2.x, SDXL, SD3, Flux) each LoRA layer name targets.
 
 Every reader yields kohya-style layer names (`lora.LoraLayer.name`). A `KeyMap`, built from
 the real modules of a loaded model, says which names it accepts for each `nn.Linear` /
@@ -7,10 +7,15 @@ back in a kohya file:
 
 - UNet: ``lora_unet_`` + the diffusers path or the original LDM/SGM path (dots to
   underscores); kohya writes diffusers names for SD1.x/SD2.x and LDM names for SDXL.
+- SD3 / Flux transformer: ``lora_transformer_`` + the diffusers path (OneTrainer's names,
+  which ComfyUI loads; diffusers-format ``transformer.`` keys read as these). The kohya/BFL
+  Flux names (``lora_unet_double_blocks_``) target fused layers diffusers splits: use the
+  ComfyUI nodes for those.
 - Text encoders: ``lora_te_text_model_...`` (SD1.x/SD2.x), ``lora_te1_`` / ``lora_te2_``
-  (SDXL; ``lora_te_`` is accepted for the first, as diffusers-format SDXL files say
-  ``text_encoder.``). Both the ``text_model.``-nested and the flattened CLIPTextModel
-  layouts of transformers are handled.
+  (SDXL, SD3; ``lora_te_`` is accepted for the first, as diffusers-format files say
+  ``text_encoder.``), ``lora_te3_`` for T5 (SD3's third text encoder, Flux's second, whose
+  diffusers name ``text_encoder_2.`` is read as ``lora_te2_``). Both the
+  ``text_model.``-nested and the flattened CLIPTextModel layouts of transformers are handled.
 
 `KeyMap.match` pairs a `LoraFile`'s layers with modules and refuses, in one line, files
 whose names or shapes do not fit the model, saying what base model the file looks made for.
@@ -18,7 +23,6 @@ whose names or shapes do not fit the model, saying what base model the file look
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from math import prod
@@ -26,10 +30,11 @@ from typing import Any
 
 from torch import nn
 
+from .guess import FLUX_FUSED_NAME, guess_family
 from .layer import LoraFile, LoraLayer
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
+FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}
 
 # name prefixes per component: the first is written, all are accepted
 _PREFIXES = {
@@ -39,6 +44,17 @@ _PREFIXES = {
         "unet": ("lora_unet_",),
         "text_encoder": ("lora_te1_", "lora_te_"),
         "text_encoder_2": ("lora_te2_",),
+    },
+    "sd3": {
+        "transformer": ("lora_transformer_",),
+        "text_encoder": ("lora_te1_", "lora_te_"),
+        "text_encoder_2": ("lora_te2_",),
+        "text_encoder_3": ("lora_te3_",),
+    },
+    "flux": {
+        "transformer": ("lora_transformer_",),
+        "text_encoder": ("lora_te1_", "lora_te_"),
+        "text_encoder_2": ("lora_te3_", "lora_te2_"),
     },
 }
 
@@ -177,9 +193,13 @@ def unet_layout(unet: nn.Module) -> tuple[list[int], list[bool]]:
 
 
 def detect_family(unet_config: Any) -> str:
-    """"sdxl", "sd2" or "sd1" from a diffusers UNet config (dict or config object); a
-    ValueError for a model that is no cross-attention UNet (a DiT such as SD3 or Flux), not a
-    silent "sd1"."""
+    """"flux", "sd3", "sdxl", "sd2" or "sd1" from a diffusers UNet or transformer config
+    (dict or config object); a ValueError for any other model, not a silent "sd1"."""
+    kind = _config_value(unet_config, "_class_name")
+    if kind == "FluxTransformer2DModel" or _config_value(unet_config, "guidance_embeds") is not None:
+        return "flux"
+    if kind == "SD3Transformer2DModel" or _config_value(unet_config, "caption_projection_dim") is not None:
+        return "sd3"
     addition = _config_value(unet_config, "addition_embed_type")
     if addition == "text_time":
         return "sdxl"
@@ -187,9 +207,8 @@ def detect_family(unet_config: Any) -> str:
     if isinstance(cross, (list, tuple)):
         cross = cross[0] if cross else None
     if cross is None:
-        kind = _config_value(unet_config, "_class_name") or "this model"
-        raise ValueError(f"{kind} has no cross_attention_dim: it is not an SD1.x, SD2.x or SDXL UNet, the models the "
-                         "diffusers backend merges; merge other families with the ComfyUI nodes")
+        raise ValueError(f"{kind or 'this model'} is not an SD1.x, SD2.x or SDXL UNet nor an SD3 or Flux transformer, "
+                         "the models the diffusers backend merges; merge other families with the ComfyUI nodes")
     return "sd2" if cross == 1024 else "sd1"
 
 
@@ -203,7 +222,7 @@ def _config_value(config: Any, key: str) -> Any:
 class KeyMap:
     """Kohya-style LoRA layer names <-> targetable modules of one loaded model."""
 
-    family: str  # "sd1", "sd2" or "sdxl"
+    family: str  # one of FAMILIES
     lookup: dict[str, str]  # every accepted layer name -> module id
     output_name: dict[str, str]  # module id -> the name to write in a kohya file
     modules: dict[str, nn.Module]  # module id -> nn.Linear / nn.Conv2d
@@ -244,6 +263,10 @@ class KeyMap:
     def _unmatched_message(self, lora: LoraFile, unmatched: list[str], shapes: dict) -> str:
         total = len(lora.layers)
         more = f" (and {len(unmatched) - 10} more)" if len(unmatched) > 10 else ""
+        if self.family == "flux" and any(FLUX_FUSED_NAME.search(name) for name in unmatched):
+            return (f"{lora.path}: {len(unmatched)} of {total} layers have kohya/BFL Flux names (double_blocks, "
+                    "single_blocks), which target fused layers that a diffusers Flux model splits; merge this file "
+                    "with the ComfyUI nodes, or use its diffusers-format (transformer.*) version")
         return (
             f"{lora.path}: {len(unmatched)} of {total} layers match no module of this "
             f"{FAMILY_LABELS[self.family]} model ({total - len(unmatched)} matched); unmatched: "
@@ -289,6 +312,10 @@ def targetable_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
 def _component_names(component: str, model: nn.Module, family: str) -> Iterable[tuple[str, list[str], nn.Module]]:
     """(path, accepted names with the output name first, module) per targetable module."""
     prefixes = _PREFIXES[family][component]
+    if component == "transformer":
+        for path, module in targetable_modules(model):
+            yield path, [prefixes[0] + _underscored(path)], module
+        return
     if component == "unet":
         down_layers, up_has_attention = unet_layout(model)
         for path, module in targetable_modules(model):
@@ -298,6 +325,10 @@ def _component_names(component: str, model: nn.Module, family: str) -> Iterable[
             if family == "sdxl":
                 names.reverse()
             yield path, names, module
+        return
+    if getattr(getattr(model, "config", None), "model_type", "") == "t5":
+        for path, module in targetable_modules(model):
+            yield path, [p + _underscored(path) for p in prefixes], module
         return
     nested = any(name == "text_model" for name, _ in model.named_children())
     for path, module in targetable_modules(model):
@@ -332,59 +363,3 @@ def delta_fits(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:
     if len(delta) < 2 or len(weight) < 2 or 4 not in (len(delta), len(weight)):
         return False
     return (delta[0], prod(delta[1:])) == (weight[0], prod(weight[1:]))
-
-
-# --- what base model a file looks made for ---------------------------------------------
-
-_FLUX = re.compile(r"double_blocks|single_blocks|single_transformer_blocks")
-# SD3 / Flux transformer blocks sit at the top level; a UNet's follow "attentions_<j>_"
-_SD3 = re.compile(r"joint_blocks|(?<![0-9]_)transformer_blocks_\d+_")
-_SDXL = re.compile(
-    r"lora_te[12]_|text_encoder_2|add_embedding|label_emb|transformer_blocks_[1-9]"
-    r"|up_blocks_0_attentions|output_blocks_[0-2]_1_(?:transformer|proj|norm)"
-)
-_SD12_UNET = re.compile(
-    r"input_blocks_(?:[12]_1|1[01])_|output_blocks_(?:9|1[01])_|down_blocks_3_|up_blocks_3_"
-    r"|down_blocks_0_attentions"
-)
-_SD_UNET = re.compile(r"(?:down|up)_blocks_\d|mid_block_|(?:input|output)_blocks_\d|middle_block_")
-_TE_LAYER = re.compile(r"lora_te_text_model_encoder_layers_(\d+)_")
-_CROSS_ATTENTION_FAMILY = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
-_TE_WIDTH_FAMILY = {768: "SD1.x", 1024: "SD2.x"}
-
-
-def guess_family(names: Iterable[str], shapes: Mapping[str, tuple[int, ...]] | None = None) -> str:
-    """The base model a LoRA's layer names (and, if given, delta shapes by name) look made
-    for: "SDXL", "SD1.x", "SD2.x", "SD1.x or SD2.x", "Flux", "SD3", or "unknown"."""
-    names = [name.lower() for name in names]
-    text = "\n".join(names)
-    for pattern, family in ((_FLUX, "Flux"), (_SD3, "SD3"), (_SDXL, "SDXL")):
-        if any(pattern.search(name) for name in names):
-            return family
-    by_shape = _family_from_shapes({k.lower(): v for k, v in (shapes or {}).items()})
-    if by_shape:
-        return by_shape
-    te_layers = [int(m.group(1)) for m in _TE_LAYER.finditer(text)]
-    if te_layers and max(te_layers) >= 12:
-        return "SD2.x"
-    if te_layers and max(te_layers) == 11:
-        return "SD1.x"
-    if _SD12_UNET.search(text):
-        return "SD1.x or SD2.x"
-    if _SD_UNET.search(text):
-        return "SD1.x, SD2.x or SDXL"
-    return "unknown"
-
-
-def _family_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """The family told by a cross-attention key/value input width (768, 1024, 2048) or an
-    SD1/SD2 text encoder width; None when no such layer is there."""
-    for name, shape in shapes.items():
-        if re.search(r"attn2_to_[kv]$", name) and len(shape) >= 2 and shape[1] in _CROSS_ATTENTION_FAMILY:
-            return _CROSS_ATTENTION_FAMILY[shape[1]]
-    for name, shape in shapes.items():
-        if name.startswith("lora_te_") and name.endswith("q_proj") and len(shape) >= 2:
-            family = _TE_WIDTH_FAMILY.get(shape[1])
-            if family:
-                return family
-    return None

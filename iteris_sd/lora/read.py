@@ -38,7 +38,7 @@ __all__ = ["PICKLE_SUFFIXES", "LoraFormatError", "file_sha256", "read_lora"]
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 # kohya / LyCORIS: "<layer name>.<suffix>", the layer name has no dots
-_KOHYA_KEY = re.compile(r"(lora_(?:unet|te|te1|te2)_[^.]+)\.(.+)")
+_KOHYA_KEY = re.compile(r"(lora_(?:unet|transformer|te|te1|te2|te3)_[^.]+)\.(.+)")
 _KOHYA_SLOTS = {
     "lora_down.weight": "down",
     "lora_up.weight": "up",
@@ -51,7 +51,8 @@ _KOHYA_SLOTS = {
 _PLAIN_LORA_SLOTS = {"down", "up", "alpha", "dora_scale"}  # anything else is LyCORIS-only
 
 # diffusers / PEFT: "<component>.<dotted module path>.<suffix>"
-_COMPONENT_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+_COMPONENT_PREFIXES = {"unet": "lora_unet_", "transformer": "lora_transformer_", "text_encoder": "lora_te_",
+                       "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
 _PROCESSOR_KEY = re.compile(r"(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
 _MODULE_SUFFIXES = [  # (pattern on the key without its component prefix, slot, format)
     (re.compile(r"(.+)\.lora_A(?:\.[^.]+)?\.weight"), "down", "peft"),  # optional adapter name
@@ -230,8 +231,8 @@ def _group_by_layer(path: str, keys: dict[str, _Key | None]) -> dict[str, dict[s
     if unknown:
         raise LoraFormatError(
             f"{path}: {len(unknown)} key(s) are not LoRA weights this tool knows, e.g. {unknown[:5]}; "
-            "supported are kohya/LyCORIS 'lora_unet_*', 'lora_te*_*' and diffusers/PEFT "
-            "'unet.*', 'text_encoder.*', 'text_encoder_2.*' keys"
+            "supported are kohya/LyCORIS 'lora_unet_*', 'lora_transformer_*', 'lora_te*_*' and diffusers/PEFT "
+            "'unet.*', 'transformer.*', 'text_encoder*.*' keys"
         )
     groups: dict[str, dict[str, str]] = {}
     for key, parsed in keys.items():

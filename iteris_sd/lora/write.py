@@ -22,7 +22,7 @@ from .layer import LoraFile
 TENSOR_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # what write_kohya writes
 DTYPES = tuple(TENSOR_DTYPES)
 DEFAULT_DTYPE = "fp16"
-_KOHYA_NAME = re.compile(r"lora_(?:unet|te|te1|te2)_[^.\s]+")
+_KOHYA_NAME = re.compile(r"lora_(?:unet|transformer|te|te1|te2|te3)_[^.\s]+")
 
 
 def write_kohya(

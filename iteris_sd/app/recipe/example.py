@@ -58,8 +58,8 @@ device = "auto"           # auto, cpu, cuda, cuda:N, mps
 [calibration]
 {_line("steps", v["cal_steps"], "sampling steps of each LoRA's calibration trajectory")}
 {_line("resolution", v["cal_resolution"], "pixels, a multiple of 8; 0: the model's native size")}
-{_line("cfg", v["cal_cfg"], "guidance scale (>= 1.0)")}
-{_line("sampler", v["cal_sampler"], ", ".join(SAMPLERS))}
+{_line("cfg", v["cal_cfg"], "guidance scale (>= 1.0); 0: the family's (Flux 1.0, else 5.0)")}
+{_line("sampler", v["cal_sampler"], ", ".join(SAMPLERS) + " (SD3, Flux: flow-matching Euler)")}
 {_line("timesteps", v["cal_timesteps"], "steps captured out of `steps` (1 .. steps)")}
 negative_prompt = "lowres, blurry"
 {_line("seeds", v["cal_seeds"], "noise seeds per prompt")}
