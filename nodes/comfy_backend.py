@@ -29,7 +29,7 @@ import comfy.weight_adapter
 import torch
 from torch import Tensor, nn
 
-from ..iteris_sd.backends.calibration import CalibrationSettings, FoldingSink, TrajectoryCache, picture_folds, spread
+from ..iteris_sd.backends.calibration import GUIDED_CFG, CalibrationSettings, FoldingSink, TrajectoryCache, picture_folds, spread
 from ..iteris_sd.backends.hooks import hooked
 from ..iteris_sd.lora.keymap import KeyMismatchError
 from ..iteris_sd.lora.layer import LoraFile, LoraLayer
@@ -50,7 +50,7 @@ class ComfyCalibration:
     steps: int = CalibrationSettings.steps
     timesteps: int = CalibrationSettings.timesteps  # model calls captured per prompt, spread over the trajectory
     resolution: int = CalibrationSettings.resolution  # 0: the model's native size (native_resolution)
-    cfg: float = 0.0  # 0: the family's (native_cfg: 1 for Flux, else CalibrationSettings.cfg)
+    cfg: float = CalibrationSettings.cfg  # 0: the family's (native_cfg: 1 for Flux, else GUIDED_CFG)
     negative_prompt: str = CalibrationSettings.negative_prompt
     seed: int = 0
 
@@ -81,7 +81,7 @@ class ComfyBackend:
         self.concepts = concepts
         base = self.model.model
         self.settings = replace(settings, resolution=settings.resolution or native_resolution(base),
-                                cfg=settings.cfg or native_cfg(base, CalibrationSettings.cfg))
+                                cfg=settings.cfg or native_cfg(base, GUIDED_CFG))
         self.key_map = comfy.lora.model_lora_keys_unet(self.model.model, {})
         self.unet_keys = set(self.key_map.values())
         if self.clip is not None:

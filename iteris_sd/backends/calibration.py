@@ -11,6 +11,7 @@ from ..merge.backend import Deltas, same_deltas
 from ..settings import check_settings, setting
 
 SAMPLERS = ("ddim", "euler", "dpmpp_2m")
+GUIDED_CFG = 5.0  # the CFG scale of every family's calibration but a guidance-distilled one's (Flux: 1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,7 +23,7 @@ class CalibrationSettings:
                               "0: the model's native size (its UNet's sample size times the VAE's scale).",
                               0, ge=16, multiple_of=8, unset=0)
     cfg: float = setting("Classifier-free guidance scale of the calibration samples (>= 1.0; 1.0 samples without "
-                         "a negative prompt); 0: the family's, 1.0 for Flux (guidance-distilled), else 5.0.",
+                         f"a negative prompt); 0: the family's, 1.0 for Flux (guidance-distilled), else {GUIDED_CFG}.",
                          0.0, ge=1.0, unset=0)
     sampler: str = setting("Sampler of the calibration trajectory: " + ", ".join(SAMPLERS) + "; SD3 and Flux always "
                            "sample with their own flow-matching Euler scheduler.", "ddim", choices=SAMPLERS)

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .calibration import GUIDED_CFG
+
 FLUX_GUIDANCE = 3.5  # the distilled guidance a guidance-embedding Flux (dev) is calibrated with, as diffusers' default
 SD3_T5_TOKENS = 256  # the T5 tokens SD3 is conditioned on (diffusers' max_sequence_length)
 FLUX_T5_TOKENS = 512
@@ -129,7 +131,7 @@ class FluxDenoiser:
 
 Denoiser = UNetDenoiser | SD3Denoiser | FluxDenoiser
 _DENOISERS = {"sd1": UNetDenoiser, "sd2": UNetDenoiser, "sdxl": UNetDenoiser, "sd3": SD3Denoiser, "flux": FluxDenoiser}
-DEFAULT_CFG = {"flux": 1.0}  # every other family: 5.0
+DISTILLED_CFG = {"flux": 1.0}  # guidance-distilled families; every other one: GUIDED_CFG
 NATIVE_LATENT_SIZE = {"flux": 128}  # a Flux transformer's config has no sample_size
 
 
@@ -139,7 +141,8 @@ def make_denoiser(family: str, model: nn.Module, text_encoders: list[nn.Module])
 
 
 def default_cfg(family: str) -> float:
-    return DEFAULT_CFG.get(family, 5.0)
+    """The calibration CFG scale of a family: 1 for a guidance-distilled one, else `GUIDED_CFG`."""
+    return DISTILLED_CFG.get(family, GUIDED_CFG)
 
 
 def flow_timesteps(scheduler: Any, steps: int, latent_tokens: int) -> None:
