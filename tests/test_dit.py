@@ -16,7 +16,7 @@ from iteris_sd.app.pipeline import merge_loras
 from iteris_sd.backends.calibration import CalibrationSettings
 from iteris_sd.backends.diffusers import DiffusersBackend, make_scheduler
 from iteris_sd.backends.load import load_backend
-from iteris_sd.lora.keymap import KeyMismatchError
+from iteris_sd.lora.keymap import ShapeMismatchError
 from iteris_sd.lora.read import read_lora
 from iteris_sd.merge.options import MergeOptions
 from iteris_sd.seeds import fold_seed
@@ -158,13 +158,69 @@ def test_cli_merges_peft_and_onetrainer_loras_into_one_exact_lora(dit, tmp_path,
     assert all(0 <= e < 1 for e in recipe_meta["calibration_error"].values())
 
 
-def test_kohya_flux_names_get_a_one_line_hint(tmp_path):
-    backend = load_backend(str(build_tiny_flux(tmp_path / "flux")), PROMPTS, CalibrationSettings(resolution=SIDE), device="cpu")
-    path = tmp_path / "bfl.safetensors"
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    folder = build_tiny_flux(tmp_path_factory.mktemp("flux") / "flux")
+    return load_backend(str(folder), PROMPTS, CalibrationSettings(steps=2, timesteps=1, resolution=SIDE), device="cpu")
+
+
+BFL_LAYERS = ("double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "double_blocks.0.img_mod.lin",
+              "single_blocks.0.linear1", "final_layer.adaLN_modulation.1")
+
+
+def kohya_flux_lora(backend, path: Path, rank: int = 2, seed: int = 3) -> Path:
+    """A kohya (sd-scripts) Flux LoRA: BFL module names, on fused modules, with alpha."""
+    modules = dict(backend.model.named_modules())
+    widths = {"double_blocks.0.img_attn.qkv": 3 * modules["transformer_blocks.0.attn.to_q"].weight.shape[0],
+              "double_blocks.0.txt_attn.qkv": 3 * modules["transformer_blocks.0.attn.add_q_proj"].weight.shape[0],
+              "double_blocks.0.img_mod.lin": modules["transformer_blocks.0.norm1.linear"].weight.shape[0],
+              "single_blocks.0.linear1": sum(modules[f"single_transformer_blocks.0.{p}"].weight.shape[0]
+                                             for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
+              "final_layer.adaLN_modulation.1": modules["norm_out.linear"].weight.shape[0]}
+    d_in = {"single_blocks.0.linear1": modules["single_transformer_blocks.0.attn.to_q"].weight.shape[1]}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for bfl in BFL_LAYERS:
+        name = "lora_unet_" + bfl.replace(".", "_")
+        width_in = d_in.get(bfl, modules["transformer_blocks.0.attn.to_q"].weight.shape[1])
+        tensors[f"{name}.lora_up.weight"] = torch.randn(widths[bfl], rank, generator=g)
+        tensors[f"{name}.lora_down.weight"] = torch.randn(rank, width_in, generator=g)
+        tensors[f"{name}.alpha"] = torch.tensor(1.0)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_kohya_flux_layers_on_fused_modules_split_exactly(flux, tmp_path):
+    """Each fused BFL layer becomes one LoRA layer per diffusers module, of the same rank,
+    whose deltas put back in BFL's layout (`to_bfl`, checked against diffusers' own
+    converter below) are the file's deltas."""
+    lora = read_lora(kohya_flux_lora(flux, tmp_path / "kohya.safetensors"))
+    matched = flux.match(lora)
+    assert all(layer.rank == 2 for layer in matched.values())
+    assert {"transformer.single_transformer_blocks.0.proj_mlp", "transformer.transformer_blocks.0.attn.add_v_proj",
+            "transformer.norm_out.linear"} <= set(matched)
+    fused = to_bfl({m.removeprefix("transformer.") + ".weight": layer.dense_delta() for m, layer in matched.items()})
+    for bfl in BFL_LAYERS:
+        torch.testing.assert_close(fused[bfl + ".weight"], lora.layers["lora_unet_" + bfl.replace(".", "_")].dense_delta())
+
+
+def test_a_kohya_flux_lora_merges_with_a_peft_one_onto_the_same_modules(flux, tmp_path):
+    a = read_lora(kohya_flux_lora(flux, tmp_path / "kohya.safetensors"))
+    to_q = "transformer.transformer_blocks.0.attn.to_q"
+    b = read_lora(write_peft(tmp_path / "peft.safetensors", _lora_on(flux, [to_q], 3, 4)))
+    report = merge_loras(flux, [a, b], ["iteris"], MergeOptions(iterations=1))
+    deltas = report.results["iteris"].deltas
+    assert deltas[to_q][0].shape[1] == 2 + 3  # exact rank sum on the shared module
+    assert deltas["transformer.transformer_blocks.0.attn.to_k"][0].shape[1] == 2
+
+
+def test_a_short_fused_delta_is_refused_in_one_line(flux, tmp_path):
+    path = tmp_path / "short.safetensors"
     save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 16),
-               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(48, 2)}, str(path))
-    with pytest.raises(KeyMismatchError, match="kohya/BFL Flux names .* merge this file with the ComfyUI nodes"):
-        backend.match(read_lora(path))
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(20, 2)}, str(path))
+    with pytest.raises(ShapeMismatchError, match=r"short.safetensors: layer lora_unet_double_blocks_0_img_attn_qkv has a "
+                                                 r"delta of shape \(20, 16\) but the modules it spans .* have 48 rows"):
+        flux.match(read_lora(path))
 
 
 # --- a single-file Flux transformer, as BFL ships it -------------------------------------

@@ -7,7 +7,6 @@ import re
 from collections.abc import Iterable, Mapping
 
 _FLUX = re.compile(r"double_blocks|single_blocks|single_transformer_blocks")
-FLUX_FUSED_NAME = re.compile(r"^lora_unet_(?:double|single)_blocks_")
 # SD3 / Flux transformer blocks sit at the top level; a UNet's follow "attentions_<j>_"
 _SD3 = re.compile(r"joint_blocks|(?<![0-9]_)transformer_blocks_\d+_")
 _SDXL = re.compile(

@@ -8,9 +8,9 @@ back in a kohya file:
 - UNet: ``lora_unet_`` + the diffusers path or the original LDM/SGM path (dots to
   underscores); kohya writes diffusers names for SD1.x/SD2.x and LDM names for SDXL.
 - SD3 / Flux transformer: ``lora_transformer_`` + the diffusers path (OneTrainer's names,
-  which ComfyUI loads; diffusers-format ``transformer.`` keys read as these). The kohya/BFL
-  Flux names (``lora_unet_double_blocks_``) target fused layers diffusers splits: use the
-  ComfyUI nodes for those.
+  which ComfyUI loads; diffusers-format ``transformer.`` keys read as these). Flux also takes
+  kohya's BFL-style names (``lora_unet_double_blocks_0_img_attn_qkv``), whose layers on fused
+  modules are split exactly onto diffusers' separate ones (`iteris_sd.lora.flux`).
 - Text encoders: ``lora_te_text_model_...`` (SD1.x/SD2.x), ``lora_te1_`` / ``lora_te2_``
   (SDXL, SD3; ``lora_te_`` is accepted for the first, as diffusers-format files say
   ``text_encoder.``), ``lora_te3_`` for T5 (SD3's third text encoder, Flux's second, whose
@@ -24,13 +24,14 @@ whose names or shapes do not fit the model, saying what base model the file look
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 from typing import Any
 
 from torch import nn
 
-from .guess import FLUX_FUSED_NAME, guess_family
+from .flux import Pieces, bfl_pieces, piece_of
+from .guess import guess_family
 from .layer import LoraFile, LoraLayer
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
@@ -226,47 +227,61 @@ class KeyMap:
     lookup: dict[str, str]  # every accepted layer name -> module id
     output_name: dict[str, str]  # module id -> the name to write in a kohya file
     modules: dict[str, nn.Module]  # module id -> nn.Linear / nn.Conv2d
+    # layer names whose delta spans several modules (kohya/BFL Flux names on diffusers' split
+    # modules, `flux.bfl_pieces`): name -> module id -> the delta's rows that make the module's
+    pieces: dict[str, Pieces] = field(default_factory=dict)
 
     def match(self, lora: LoraFile) -> dict[str, LoraLayer]:
-        """module id -> layer for every layer of ``lora``; raises KeyMismatchError if any
-        layer names no module (or two name the same one) and ShapeMismatchError if a
-        delta's shape does not fit its module's weight."""
-        matched: dict[str, LoraLayer] = {}
-        owner: dict[str, str] = {}
+        """module id -> layer for every layer of ``lora`` (a layer on a fused module split
+        into its exact pieces); raises KeyMismatchError if any layer names no module (or two
+        name the same one) and ShapeMismatchError if a delta's shape does not fit its module's weight."""
+        shapes = {name: delta_shape(layer) for name, layer in lora.layers.items()}
+        targets: list[tuple[str, str, LoraLayer]] = []  # (module id, the file's layer name, its layer there)
         unmatched: list[str] = []
         for name, layer in lora.layers.items():
-            module_id = self.lookup.get(name)
-            if module_id is None:
+            if name in self.lookup:
+                targets.append((self.lookup[name], name, layer))
+            elif name in self.pieces:
+                targets += self._split(lora.path, name, layer, shapes[name])
+            else:
                 unmatched.append(name)
-            elif module_id in owner:
+        if unmatched:
+            raise KeyMismatchError(self._unmatched_message(lora, unmatched, shapes))
+        matched: dict[str, LoraLayer] = {}
+        owner: dict[str, str] = {}
+        for module_id, name, layer in targets:
+            if module_id in owner:
                 raise KeyMismatchError(
                     f"{lora.path}: layers {owner[module_id]} and {name} both target {module_id}; "
                     "keep only one of them in the file"
                 )
-            else:
-                owner[module_id] = name
-                matched[module_id] = layer
-        shapes = {name: delta_shape(layer) for name, layer in lora.layers.items()}
-        if unmatched:
-            raise KeyMismatchError(self._unmatched_message(lora, unmatched, shapes))
-        for module_id, layer in matched.items():
+            owner[module_id] = name
+            matched[module_id] = layer
             weight_shape = tuple(self.modules[module_id].weight.shape)
-            shape = shapes[owner[module_id]]
+            shape = delta_shape(layer)
             if not delta_fits(shape, weight_shape):
                 raise ShapeMismatchError(
-                    f"{lora.path}: layer {owner[module_id]} has a delta of shape {shape} but "
+                    f"{lora.path}: layer {name} has a delta of shape {shapes[name]} but "
                     f"{module_id} has a weight of shape {weight_shape}; the file looks made for "
                     f"{guess_family(lora.layers, shapes)}, this model is {FAMILY_LABELS[self.family]}"
                 )
         return matched
 
+    def _split(self, path: str, name: str, layer: LoraLayer, shape: tuple[int, ...]) -> list[tuple[str, str, LoraLayer]]:
+        """(module id, name, piece) for each module a fused layer's delta spans."""
+        pieces = self.pieces[name]
+        rows = max(stop for ranges in pieces.values() for _, stop in ranges)
+        if shape[0] != rows:
+            raise ShapeMismatchError(f"{path}: layer {name} has a delta of shape {shape} but the modules it spans "
+                                     f"({', '.join(pieces)}) have {rows} rows together")
+        try:
+            return [(module_id, name, piece_of(layer, ranges, name)) for module_id, ranges in pieces.items()]
+        except ValueError as e:
+            raise KeyMismatchError(f"{path}: {e}") from None
+
     def _unmatched_message(self, lora: LoraFile, unmatched: list[str], shapes: dict) -> str:
         total = len(lora.layers)
         more = f" (and {len(unmatched) - 10} more)" if len(unmatched) > 10 else ""
-        if self.family == "flux" and any(FLUX_FUSED_NAME.search(name) for name in unmatched):
-            return (f"{lora.path}: {len(unmatched)} of {total} layers have kohya/BFL Flux names (double_blocks, "
-                    "single_blocks), which target fused layers that a diffusers Flux model splits; merge this file "
-                    "with the ComfyUI nodes, or use its diffusers-format (transformer.*) version")
         return (
             f"{lora.path}: {len(unmatched)} of {total} layers match no module of this "
             f"{FAMILY_LABELS[self.family]} model ({total - len(unmatched)} matched); unmatched: "
@@ -299,7 +314,11 @@ def build_keymap(components: Mapping[str, nn.Module], family: str) -> KeyMap:
                         f"layer name {name} is claimed by both {claimed} and {module_id}; "
                         "the model's module names are ambiguous for LoRA keys"
                     )
-    return KeyMap(family=family, lookup=lookup, output_name=output_name, modules=modules)
+    pieces: dict[str, Pieces] = {}
+    if family == "flux" and "transformer" in components:  # kohya's BFL-style names, on fused modules
+        for bfl, parts in bfl_pieces(components["transformer"]).items():
+            pieces["lora_unet_" + _underscored(bfl)] = {f"transformer.{path}": rows for path, rows in parts.items()}
+    return KeyMap(family=family, lookup=lookup, output_name=output_name, modules=modules, pieces=pieces)
 
 
 def targetable_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
