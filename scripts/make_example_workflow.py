@@ -26,7 +26,7 @@ GRID_PROMPTS = ["a photo of sks dog", "a zwx style painting of a house", "a zwx 
 NEGATIVE = "blurry, low quality"
 SIZE, STEPS, CFG, SEED = 512, 20, 7.0, 1000
 # widget values of IterIS Merge, in its input order (the node's defaults but the resolution)
-MERGE_WIDGETS = ["iteris", 5, 0, "euler", "normal", 8, 4, SIZE, 0.0, 0, "", 0.5, "0.001", "auto", "average"]
+MERGE_WIDGETS = ["iteris", 2, 0, "euler", "normal", 8, 4, SIZE, 0.0, 0, "", 0.5, "0.001", "auto", "average"]
 MERGE_SIZE = [520, 900]  # every widget, the chart web/iteris.js draws below them and the report for 2 LoRAs
 GROUP_COLOR, EDIT_COLOR = "#3f789e", "#8a6d3b"
 

@@ -65,7 +65,7 @@ def write(path: Path, text: str) -> Path:
 
 def test_minimal_recipe_gets_defaults(files):
     r = parse_recipe(minimal(files))
-    assert r.method == "iteris" and r.iterations == 5 and r.rank is None
+    assert r.method == "iteris" and r.iterations == 2 and r.rank is None
     assert r.dtype == "fp16" and r.device == "auto" and r.seed == 0 and not r.overwrite
     assert r.damping == 0.5 and r.regularization == 1e-3 == IterISConfig().regularization == MergeOptions().regularization and r.density == 0.5
     assert r.compare == [] and r.base_config is None
@@ -386,7 +386,7 @@ def test_overrides_from_strings(files):
     assert new.calibration.sampler == "euler" and new.rank == 32
     assert new.damping == 1.0 and new.overwrite is True
     assert new.compare == ["linear", "ties"] and new.calibration.negative_prompt == "ugly"
-    assert r.iterations == 5 and r.calibration.steps == 8 and r.rank is None  # unchanged
+    assert r.iterations == 2 and r.calibration.steps == 8 and r.rank is None  # unchanged
     assert new.lora == r.lora
 
 
