@@ -31,7 +31,7 @@ BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0",
 
 @dataclass
 class Trajectory:
-    """A sampled trajectory: the UNet inputs at each step and the prompt tokens behind them."""
+    """A sampled trajectory: the model inputs at each step and the prompt tokens behind them."""
 
     token_ids: list[Tensor]  # per text encoder: (2b, L), negative prompts first; (b, L) at cfg 1
     steps: list[tuple[Tensor, Tensor]]  # (timestep, scaled model input (b, C, h, w))
