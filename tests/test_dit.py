@@ -224,6 +224,8 @@ def test_a_short_fused_delta_is_refused_in_one_line(flux, tmp_path):
 
 
 # --- a single-file Flux transformer, as BFL ships it -------------------------------------
+# Written here on purpose, apart from iteris_sd.lora.flux: an oracle that diffusers' own converter
+# checks (the single-file test), against which the core's split of kohya layers is tested.
 
 _FLUX_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "attn.to_out.0": "img_attn.proj",
                 "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",

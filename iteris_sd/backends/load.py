@@ -111,7 +111,6 @@ def _load_single_file(path: Path, dtype, base_config: str | None) -> dict:
         keys = list(f.keys())
     is_xl = any(k.startswith("conditioner.embedders.1.") for k in keys)
     dit = next((cls for key, cls in _SINGLE_FILE_DITS if any(k.endswith(key) for k in keys)), None)
-    hint = "" if base_config else "; set base_config to a diffusers folder of the same model family"
     if dit is not None:
         import diffusers
 
@@ -130,6 +129,7 @@ def _load_single_file(path: Path, dtype, base_config: str | None) -> dict:
     try:
         pipe = cls.from_single_file(str(path), config=base_config, torch_dtype=dtype)
     except Exception as exc:  # diffusers fetches configs from the hub when none is given
+        hint = "" if base_config else "; set base_config to a diffusers folder of the same model family"
         raise ValueError(f"{path}: could not load the checkpoint ({type(exc).__name__}: {exc}){hint}") from exc
     tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if is_xl else [])
     toks = [pipe.tokenizer] + ([pipe.tokenizer_2] if is_xl else [])
